@@ -20,8 +20,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-QWEN_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                num_key_value_heads=2, max_position_embeddings=4096)
+QWEN_05B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+)
 
 
 def build_model(shape: str, work: Path):
@@ -39,9 +45,14 @@ def build_model(shape: str, work: Path):
     if shape == "tiny":
         model = AutoModelForCausalLM.from_pretrained(tiny)
     else:  # 0.5B shape with the tiny tokenizer's vocabulary (random init: throughput only)
-        config = AutoConfig.for_model("qwen2", vocab_size=len(tokenizer), tie_word_embeddings=True,
-                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                      **QWEN_05B)
+        config = AutoConfig.for_model(
+            "qwen2",
+            vocab_size=len(tokenizer),
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **QWEN_05B,
+        )
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,9 +62,11 @@ def build_model(shape: str, work: Path):
 
 def prompts(n: int) -> list[list[dict]]:
     lines = [x for x in (ROOT / "examples" / "data" / "red_team.txt").read_text().splitlines() if x.strip()]
-    hh = [t.split("\n\nHuman: ")[1].split("\n\nAssistant:")[0]
-          for x in (ROOT / "examples" / "data" / "hh-rlhf.jsonl").read_text().splitlines()
-          if "\n\nHuman: " in (t := json.loads(x).get("chosen") or "")]  # the demo file has a few bad rows
+    hh = [
+        t.split("\n\nHuman: ")[1].split("\n\nAssistant:")[0]
+        for x in (ROOT / "examples" / "data" / "hh-rlhf.jsonl").read_text().splitlines()
+        if "\n\nHuman: " in (t := json.loads(x).get("chosen") or "")
+    ]  # the demo file has a few bad rows
     texts = list(dict.fromkeys(lines + hh))[:n]
     return [[{"role": "user", "content": t}] for t in texts]
 
@@ -61,11 +74,15 @@ def prompts(n: int) -> list[list[dict]]:
 def three_rounds(generate, convs, principle) -> float:
     started = time.perf_counter()
     initial = generate(convs)
-    convs = [c + [{"role": "assistant", "content": o.text}, {"role": "user", "content": principle.critique}]
-             for c, o in zip(convs, initial)]
+    convs = [
+        c + [{"role": "assistant", "content": o.text}, {"role": "user", "content": principle.critique}]
+        for c, o in zip(convs, initial)
+    ]
     critique = generate(convs)
-    convs = [c + [{"role": "assistant", "content": o.text}, {"role": "user", "content": principle.revision}]
-             for c, o in zip(convs, critique)]
+    convs = [
+        c + [{"role": "assistant", "content": o.text}, {"role": "user", "content": principle.revision}]
+        for c, o in zip(convs, critique)
+    ]
     generate(convs)
     return time.perf_counter() - started
 
@@ -79,14 +96,20 @@ def plain_loop(model, tokenizer, settings):
     def generate(convs):
         outs = []
         for c in convs:
-            ids = tokenizer.apply_chat_template(c, add_generation_prompt=True, return_tensors="pt",
-                                                return_dict=True).to(model.device)
+            ids = tokenizer.apply_chat_template(
+                c, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            ).to(model.device)
             with torch.inference_mode():
-                out = model.generate(**ids, max_new_tokens=settings.max_new_tokens,
-                                     min_new_tokens=settings.max_new_tokens, do_sample=True,
-                                     temperature=settings.temperature, top_p=settings.top_p,
-                                     pad_token_id=tokenizer.pad_token_id)
-            new = out[0, ids["input_ids"].shape[1]:]
+                out = model.generate(
+                    **ids,
+                    max_new_tokens=settings.max_new_tokens,
+                    min_new_tokens=settings.max_new_tokens,
+                    do_sample=True,
+                    temperature=settings.temperature,
+                    top_p=settings.top_p,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            new = out[0, ids["input_ids"].shape[1] :]
             outs.append(GenOutput(tokenizer.decode(new, skip_special_tokens=True), True, len(new)))
         generate.tokens += sum(o.num_tokens for o in outs)
         return outs
@@ -124,13 +147,24 @@ def main() -> None:
         t_loop = three_rounds(loop, convs, principle)
     rows = 3 * len(convs)
     report = {
-        "shape": args.shape, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
-        "prompts": len(convs), "generations": rows, "max_new_tokens": args.max_new_tokens,
-        "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-        "batched": {"seconds": round(t_batched, 2), "rows_per_s": round(rows / t_batched, 2),
-                    "tokens_per_s": round(batched.stats.tokens / t_batched, 1)},
-        "plain_loop": {"seconds": round(t_loop, 2), "rows_per_s": round(rows / t_loop, 2),
-                       "tokens_per_s": round(loop.tokens / t_loop, 1)},
+        "shape": args.shape,
+        "device": str(model.device),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "prompts": len(convs),
+        "generations": rows,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "batched": {
+            "seconds": round(t_batched, 2),
+            "rows_per_s": round(rows / t_batched, 2),
+            "tokens_per_s": round(batched.stats.tokens / t_batched, 1),
+        },
+        "plain_loop": {
+            "seconds": round(t_loop, 2),
+            "rows_per_s": round(rows / t_loop, 2),
+            "tokens_per_s": round(loop.tokens / t_loop, 1),
+        },
         "speedup": round(t_loop / t_batched, 2),
     }
     print(json.dumps(report))

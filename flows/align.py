@@ -43,8 +43,13 @@ def parse_stages(text: str) -> list[str]:
 
 
 @flow(name="align")
-def align(recipe: str = "recipes/tiny.yaml", stages: str = "sft,cai,reward,dpo", output: str | None = None,
-          runs: str | None = None, retrain: bool = False) -> dict:
+def align(
+    recipe: str = "recipes/tiny.yaml",
+    stages: str = "sft,cai,reward,dpo",
+    output: str | None = None,
+    runs: str | None = None,
+    retrain: bool = False,
+) -> dict:
     """Ingest the recipe's data, run the listed stages in order; with sft, reward and dpo all run, evaluate,
     register (<name>-sft/-reward/-dpo, alias candidate) and promote. Returns {stage: StageResult, evaluation,
     versions, promotion}."""
@@ -66,12 +71,23 @@ def align(recipe: str = "recipes/tiny.yaml", stages: str = "sft,cai,reward,dpo",
                 results[name] = run_stage(name, r, dataset_dir, results.get("sft"), Path(runs) if runs else None)
                 continue
             extra = [results["cai"].mix[name]] if "cai" in results else []
-            results[name] = run_stage(name, r, dataset_dir, base, Path(runs) if runs else None,  # here/gpu/accelerate
-                                      extra_train=extra)
+            results[name] = run_stage(
+                name,
+                r,
+                dataset_dir,
+                base,
+                Path(runs) if runs else None,  # here/gpu/accelerate
+                extra_train=extra,
+            )
         if {"sft", "reward", "dpo"} <= results.keys():  # evaluate → register → promote needs all three
             results["evaluation"] = evaluate_stage(r, dataset_dir, results["sft"], results["reward"], results["dpo"])
-            results["versions"] = register_stage_task(r, {s: results[s] for s in ("sft", "reward", "dpo")},
-                                                      results["evaluation"], dataset_dir, str(flow_run.id))
+            results["versions"] = register_stage_task(
+                r,
+                {s: results[s] for s in ("sft", "reward", "dpo")},
+                results["evaluation"],
+                dataset_dir,
+                str(flow_run.id),
+            )
     print(metrics_table({k: v for k, v in results.items() if k in STAGES}))
     publish_stage_metrics({k: v for k, v in results.items() if k in STAGES})
     if "versions" in results:

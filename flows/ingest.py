@@ -1,6 +1,6 @@
 """Prefect flow `ingest`: raw preference sources → validated, versioned Parquet splits.
 
-    python -m flows.ingest --recipe recipes/tiny.yaml [--output DIR]     # prints the version directory last
+python -m flows.ingest --recipe recipes/tiny.yaml [--output DIR]     # prints the version directory last
 """
 
 from __future__ import annotations

@@ -31,8 +31,9 @@ def promote(model: str, version: int | None = None, rollback: bool = False, reci
     """Judge `model` version (default: candidate) against the gates and move champion; or roll back."""
     r = load_recipe(recipe) if recipe else None
     _use_tracking(r)
-    record = registry.rollback(model) if rollback else registry.promote_version(
-        model, version, r.promote if r else None)
+    record = (
+        registry.rollback(model) if rollback else registry.promote_version(model, version, r.promote if r else None)
+    )
     if FlowRunContext.get():  # absent when tests call promote.fn (no Prefect server needed)
         key = re.sub(r"[^a-z0-9-]+", "-", f"promotion-{model}".lower())
         create_markdown_artifact(record["markdown"], key=key, description=f"promotion decision for {model}")

@@ -15,8 +15,9 @@ from prefect.cache_policies import NO_CACHE
 from tasks.dispatch import GPU_TAG, STAGE_FUNCTIONS, run_request
 
 
-@task(name="train-stage", tags=[GPU_TAG], retries=1, retry_delay_seconds=5,
-      cache_policy=NO_CACHE)  # the stage's own content key (result.json under runs/) is the cache
+@task(
+    name="train-stage", tags=[GPU_TAG], retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE
+)  # the stage's own content key (result.json under runs/) is the cache
 def train_stage(stage: str, recipe: dict, dataset_dir: str, call: dict) -> dict:
     return run_request(stage, recipe, dataset_dir, call, pure=True)
 

@@ -47,7 +47,8 @@ class MixSpec(Strict):
 
     weight: float = Field(1.0, ge=0, le=1, description="share of the accepted CAI rows used (0 = none)")
     max_fraction: float | None = Field(
-        None, ge=0, description="at most this many CAI rows per human training row (e.g. 0.5)")
+        None, ge=0, description="at most this many CAI rows per human training row (e.g. 0.5)"
+    )
 
 
 class MixConfig(Strict):
@@ -59,14 +60,16 @@ class MixConfig(Strict):
 class CAIConfig(Strict):
     constitution: str = "recipes/constitutions/hhh.yaml"
     sampling: Literal["random", "round_robin"] | None = Field(
-        None, description="principle sampling; empty = the constitution's own `sampling`")
+        None, description="principle sampling; empty = the constitution's own `sampling`"
+    )
     few_shot: int | None = Field(None, ge=0, description="few-shot conversations used; empty = all of them")
     seed: int = Field(0, description="principle sampling seed")
     prompts: list[PromptSource] = Field(default_factory=list)
     limit: int | None = Field(None, gt=0, description="prompts used, after de-duplication")
     model: str | None = Field(None, description="model for the initial response; empty = the SFT stage's output")
     critic_model: str | None = Field(
-        None, description="model for critique and revision (RLAIF with a stronger model); empty = `model`")
+        None, description="model for critique and revision (RLAIF with a stronger model); empty = `model`"
+    )
     backend: Literal["hf", "vllm"] = "hf"
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     mix: MixConfig = Field(default_factory=MixConfig)

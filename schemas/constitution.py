@@ -119,8 +119,10 @@ def parse_constitution(data: object, origin: str = "<constitution>", stem: str =
             return Constitution(
                 name=stem,
                 description=f"Hugging Face CAI recipe layout ({origin})",
-                principles=[Principle(id=f"{slug}-{i:0{width}d}", critique=p.critic, revision=p.revision)
-                            for i, p in enumerate(hf.constitutions)],
+                principles=[
+                    Principle(id=f"{slug}-{i:0{width}d}", critique=p.critic, revision=p.revision)
+                    for i, p in enumerate(hf.constitutions)
+                ],
                 few_shot=[FewShotExample(messages=chat) for chat in hf.system_chat],
             )
         return Constitution.model_validate(data)

@@ -84,7 +84,9 @@ class SourceConfig(Strict):
                 for err in e.errors()
             )
             valid = ", ".join(model.model_fields) or "none"
-            raise ValueError(f"source {self.name!r} (format {self.format!r}): {problems} (valid options: {valid})") from None
+            raise ValueError(
+                f"source {self.name!r} (format {self.format!r}): {problems} (valid options: {valid})"
+            ) from None
         return self
 
     def typed_options(self) -> Strict:

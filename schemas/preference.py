@@ -8,7 +8,6 @@ plus provenance (``source``, ``source_row``), the source's scores, and two conte
 from __future__ import annotations
 
 import hashlib
-import json
 import unicodedata
 from enum import StrEnum
 from typing import Literal
@@ -141,8 +140,10 @@ def _serialise(messages: list[dict]) -> str:
 
 def content_id(prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> str:
     """Deterministic id of a preference row: hash of its exact (prompt, chosen, rejected)."""
-    return _digest(f"{len(prompt)}\0{_serialise(prompt)}{len(chosen)}\0{_serialise(chosen)}"
-                   f"{len(rejected)}\0{_serialise(rejected)}")
+    return _digest(
+        f"{len(prompt)}\0{_serialise(prompt)}{len(chosen)}\0{_serialise(chosen)}"
+        f"{len(rejected)}\0{_serialise(rejected)}"
+    )
 
 
 def normalise_prompt_text(text: str) -> str:
@@ -168,8 +169,10 @@ def prompt_hash(prompt: list[dict]) -> str:
 
 def content_ids(prompt: pa.ListArray, chosen: pa.ListArray, rejected: pa.ListArray) -> list[str]:
     """:func:`content_id` of every row of three ``MESSAGES`` arrays (no nulls; text must be valid UTF-8)."""
-    sides = [pc.binary_join_element_wise(pc.cast(pc.list_value_length(a), pa.string()), _serialised(a), "\0")
-             for a in (prompt, chosen, rejected)]
+    sides = [
+        pc.binary_join_element_wise(pc.cast(pc.list_value_length(a), pa.string()), _serialised(a), "\0")
+        for a in (prompt, chosen, rejected)
+    ]
     return _digests(pc.binary_join_element_wise(*sides, ""))
 
 
@@ -212,8 +215,9 @@ def _serialised(messages: pa.ListArray, content: pa.Array | None = None) -> pa.A
     """:func:`_serialise` of every row; ``content`` replaces the messages' own text (same turns)."""
     values = _values(messages)
     content = values.field("content") if content is None else content
-    turns = pc.binary_join_element_wise(values.field("role"), pc.cast(pc.utf8_length(content), pa.string()),
-                                        content, "\0")
+    turns = pc.binary_join_element_wise(
+        values.field("role"), pc.cast(pc.utf8_length(content), pa.string()), content, "\0"
+    )
     offsets = pc.subtract(messages.offsets, messages.offsets[0])
     return pc.binary_join(pa.ListArray.from_arrays(offsets, turns), "")
 
@@ -231,8 +235,9 @@ def render_messages(lists: pa.ChunkedArray | pa.ListArray) -> pa.Array:
     if isinstance(lists, pa.ChunkedArray):
         lists = lists.combine_chunks()
     flat = pc.list_flatten(lists)
-    turns = pc.binary_join_element_wise(pc.fill_null(pc.struct_field(flat, "role"), ""),
-                                        pc.fill_null(pc.struct_field(flat, "content"), ""), "\x1f")
+    turns = pc.binary_join_element_wise(
+        pc.fill_null(pc.struct_field(flat, "role"), ""), pc.fill_null(pc.struct_field(flat, "content"), ""), "\x1f"
+    )
     offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(lists).fill_null(0).to_numpy())])
     return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), turns), "\x1e")
 

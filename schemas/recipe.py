@@ -47,8 +47,12 @@ class Recipe(Strict):
 
     def section_hash(self, *sections: str) -> str:
         """Content hash of the named top-level sections (a stage's cache key part)."""
-        payload = {s: getattr(self, s).model_dump(mode="json") if not isinstance(getattr(self, s), list)
-                   else [x.model_dump(mode="json") for x in getattr(self, s)] for s in sections}
+        payload = {
+            s: getattr(self, s).model_dump(mode="json")
+            if not isinstance(getattr(self, s), list)
+            else [x.model_dump(mode="json") for x in getattr(self, s)]
+            for s in sections
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def recipe_hash(self) -> str:

@@ -44,8 +44,9 @@ class LoraConfig(Strict):
 
 
 class StageConfig(Strict):
-    model: str | None = Field(None, description="base model (folder, hub id, package:<module>); "
-                                                "empty = the previous stage's output")
+    model: str | None = Field(
+        None, description="base model (folder, hub id, package:<module>); empty = the previous stage's output"
+    )
     lora: LoraConfig | None = None
     args: dict = Field(default_factory=dict, description="TRL config fields, passed through")
 
@@ -67,6 +68,8 @@ class RewardStage(StageConfig):
 
 class DPOStage(StageConfig):
     method: Literal["dpo", "orpo", "simpo"] = Field(
-        "dpo", description="dpo: trl.DPOTrainer; orpo / simpo: trl.experimental ORPOTrainer / CPOTrainer(simpo)")
+        "dpo", description="dpo: trl.DPOTrainer; orpo / simpo: trl.experimental ORPOTrainer / CPOTrainer(simpo)"
+    )
     eval_beta: float | None = Field(
-        None, gt=0, description="beta of the held-out implicit reward vs the base model; default args.beta or 0.1")
+        None, gt=0, description="beta of the held-out implicit reward vs the base model; default args.beta or 0.1"
+    )

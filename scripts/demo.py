@@ -28,7 +28,7 @@ def start_run(deployment: str, parameters: dict, job_variables: dict | None = No
 def follow(flow_run_id, poll: float = 1.5, quiet_logs: bool = False):
     """Print task-run transitions and log lines of the run (and its child runs) until it ends; its state."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, LogFilter, TaskRunFilter
+    from prefect.client.schemas.filters import FlowRunFilter, LogFilter
     from prefect.client.schemas.sorting import LogSort
 
     seen_logs: set = set()
@@ -37,8 +37,7 @@ def follow(flow_run_id, poll: float = 1.5, quiet_logs: bool = False):
     with get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(flow_run_id)
-            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id={"any_": [flow_run_id]}))
+            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [flow_run_id]}))
             run_ids = [flow_run_id, *(c.id for c in children)]
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": run_ids}))
             for t in sorted(tasks, key=lambda t: t.expected_start_time or t.created):
@@ -48,8 +47,12 @@ def follow(flow_run_id, poll: float = 1.5, quiet_logs: bool = False):
                     dur = f" in {t.total_run_time.total_seconds():.1f}s" if st in TERMINAL else ""
                     log(f"  task {t.name:<28s} {st.lower()}{dur}")
             if not quiet_logs:
-                logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": run_ids}, level={"ge_": 20}),
-                                        sort=LogSort.TIMESTAMP_ASC, limit=200, offset=0)
+                logs = client.read_logs(
+                    log_filter=LogFilter(flow_run_id={"any_": run_ids}, level={"ge_": 20}),
+                    sort=LogSort.TIMESTAMP_ASC,
+                    limit=200,
+                    offset=0,
+                )
                 for line in logs:
                     if line.id not in seen_logs:
                         seen_logs.add(line.id)
@@ -58,7 +61,9 @@ def follow(flow_run_id, poll: float = 1.5, quiet_logs: bool = False):
             if state in TERMINAL:
                 return run
             if state in ("SCHEDULED", "PENDING") and time.monotonic() - started > 120:
-                log(f"still {state.lower()} after 2 min: is a worker running for the pool? (python scripts/services.py status)")
+                log(
+                    f"still {state.lower()} after 2 min: is a worker running for the pool? (python scripts/services.py status)"
+                )
                 started = time.monotonic()
             time.sleep(poll)
 
@@ -86,8 +91,16 @@ def data_docs_path(arts: dict) -> str | None:
     return m.group(1) if m else None
 
 
-SHOWN_METRICS = ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "rm_accuracy", "dpo_accuracy",
-                 "kl_per_token", "len_ratio", "safety_refusal_rate")
+SHOWN_METRICS = (
+    "win_rate",
+    "win_rate_ci_low",
+    "win_rate_ci_high",
+    "rm_accuracy",
+    "dpo_accuracy",
+    "kl_per_token",
+    "len_ratio",
+    "safety_refusal_rate",
+)
 
 
 def registry_summary(tracking_uri: str, recipe_name: str) -> list[str]:
@@ -101,7 +114,9 @@ def registry_summary(tracking_uri: str, recipe_name: str) -> list[str]:
             continue
         full = client.get_registered_model(rm.name)
         aliases = full.aliases or {}
-        lines.append(f"  {rm.name:<20s} {', '.join(f'{a} → v{v}' for a, v in sorted(aliases.items())) or 'no aliases'}")
+        lines.append(
+            f"  {rm.name:<20s} {', '.join(f'{a} → v{v}' for a, v in sorted(aliases.items())) or 'no aliases'}"
+        )
         version = aliases.get("champion")
         if version and metrics is None:
             tags = client.get_model_version(rm.name, str(version)).tags
@@ -122,9 +137,11 @@ def promotion_summary(result) -> list[str]:
     if not isinstance(p, dict):
         return ["  (no promotion in this run)"]
     failed = ", ".join(p.get("failed") or []) or "none"
-    return [f"  {p.get('model')} v{p.get('version')}: {p.get('action')} "
-            f"({'all gates passed' if p.get('passed') else 'failed gates: ' + failed}); "
-            f"champion history {p.get('champion_history')}"]
+    return [
+        f"  {p.get('model')} v{p.get('version')}: {p.get('action')} "
+        f"({'all gates passed' if p.get('passed') else 'failed gates: ' + failed}); "
+        f"champion history {p.get('champion_history')}"
+    ]
 
 
 def run_demo(svc, recipe: str) -> int:

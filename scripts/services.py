@@ -30,8 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 POOLS = {"cpu": "data, evaluation and orchestration", "gpu": "training stages (sft, cai, reward, dpo)"}
 DEPLOYMENTS = {  # prefect.yaml deployment → entrypoint file; deployed when the file exists
-    "align/full": "flows/align.py", "align/retrain": "flows/align.py", "ingest/tiny": "flows/ingest.py",
-    "promote/manual": "flows/promote.py", "stage/gpu": "flows/stage.py",
+    "align/full": "flows/align.py",
+    "align/retrain": "flows/align.py",
+    "ingest/tiny": "flows/ingest.py",
+    "promote/manual": "flows/promote.py",
+    "stage/gpu": "flows/stage.py",
 }
 
 
@@ -69,20 +72,24 @@ class Services:
         return f"sqlite:///{self.state / 'mlflow.db'}"
 
     def env(self) -> dict:
-        return {**os.environ,
-                "PREFECT_HOME": str(self.state / "prefect"),
-                "PREFECT_API_URL": self.api_url,
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "PREFECT_CLI_COLORS": "false",
-                "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",   # flow results readable by the caller
-                "PREFECT_WORKER_QUERY_SECONDS": "2",             # pick a new run up in ≤ 2 s (default 10)
-                "MLFLOW_TRACKING_URI": self.tracking_uri,
-                "MLFLOW_DISABLE_TELEMETRY": "true",
-                "DO_NOT_TRACK": "1",
-                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "ALIGN_ROOT": str(ROOT),
-                "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                **self.extra_env}
+        return {
+            **os.environ,
+            "PREFECT_HOME": str(self.state / "prefect"),
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_CLI_COLORS": "false",
+            "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",  # flow results readable by the caller
+            "PREFECT_WORKER_QUERY_SECONDS": "2",  # pick a new run up in ≤ 2 s (default 10)
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "1",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "ALIGN_ROOT": str(ROOT),
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            **self.extra_env,
+        }
 
     # ---- processes by PID file ----------------------------------------------------------------
     def pid(self, name: str) -> int | None:
@@ -97,8 +104,15 @@ class Services:
         self.logs.mkdir(parents=True, exist_ok=True)
         out = open(self.logs / f"{name}.log", "ab")
         # Own session: `down` signals the whole group (a server's own children included), nothing else.
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=self.env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         (self.pids / f"{name}.pid").write_text(f"{proc.pid}\n")
         return proc.pid
 
@@ -109,7 +123,9 @@ class Services:
         if pid is None:
             return
         # A worker exits promptly on the second SIGINT; servers on one. SIGKILL after the grace period.
-        if crash:  # a dead host takes the flow-run processes with it (a process worker starts them in their own session)
+        if (
+            crash
+        ):  # a dead host takes the flow-run processes with it (a process worker starts them in their own session)
             for child in _descendants(pid):
                 try:
                     os.kill(child, signal.SIGKILL)
@@ -133,8 +149,10 @@ class Services:
             return None
         _require_free(self.prefect_port, "Prefect", "ALIGN_PREFECT_PORT")
         (self.state / "prefect").mkdir(parents=True, exist_ok=True)
-        pid = self.spawn("prefect-server", [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                            "--port", str(self.prefect_port)])
+        pid = self.spawn(
+            "prefect-server",
+            [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.prefect_port)],
+        )
         log(f"starting Prefect server (pid {pid}) on {self.ui_url} …")
         return "Prefect server", f"{self.api_url}/health", self.logs / "prefect-server.log"
 
@@ -145,10 +163,23 @@ class Services:
         _require_free(self.mlflow_port, "MLflow", "ALIGN_MLFLOW_PORT")
         artifacts = self.state / "mlartifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
-        pid = self.spawn("mlflow", [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1",
-                                    "--port", str(self.mlflow_port), "--workers", "1",
-                                    "--backend-store-uri", self.tracking_uri,
-                                    "--default-artifact-root", artifacts.as_uri()])
+        pid = self.spawn(
+            "mlflow",
+            [
+                str(VENV_BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.mlflow_port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                self.tracking_uri,
+                "--default-artifact-root",
+                artifacts.as_uri(),
+            ],
+        )
         log(f"starting MLflow server (pid {pid}) on {self.mlflow_url} …")
         return "MLflow server", f"{self.mlflow_url}/health", self.logs / "mlflow.log"
 
@@ -178,8 +209,12 @@ class Services:
         missing = sorted({f for n, f in DEPLOYMENTS.items() if n not in names})
         stamp_file = self.state / "deployed.json"
         stamp = _digest([ROOT / "prefect.yaml", *(ROOT / DEPLOYMENTS[n] for n in names)])
-        if not force and stamp_file.is_file() and json.loads(stamp_file.read_text()) == {"digest": stamp, "names": names} \
-                and self._deployed(names):
+        if (
+            not force
+            and stamp_file.is_file()
+            and json.loads(stamp_file.read_text()) == {"digest": stamp, "names": names}
+            and self._deployed(names)
+        ):
             log(f"deployments up to date: {', '.join(names)}")
             return
         if missing:
@@ -188,7 +223,9 @@ class Services:
         cmd = [str(VENV_BIN / "prefect"), "--no-prompt", "deploy"] + [a for n in names for a in ("-n", n)]
         proc = subprocess.run(cmd, cwd=ROOT, env=self.env(), capture_output=True, text=True)
         if proc.returncode != 0:
-            raise SystemExit(f"prefect deploy failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+            raise SystemExit(
+                f"prefect deploy failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+            )
         stamp_file.write_text(json.dumps({"digest": stamp, "names": names}))
         log("deployed")
 
@@ -210,8 +247,20 @@ class Services:
             if self.pid(name):
                 log(f"{pool} worker already running (pid {self.pid(name)})")
                 continue
-            pid = self.spawn(name, [str(VENV_BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
-                                    "--name", f"{pool}-{socket.gethostname()}"])
+            pid = self.spawn(
+                name,
+                [
+                    str(VENV_BIN / "prefect"),
+                    "worker",
+                    "start",
+                    "--pool",
+                    pool,
+                    "--type",
+                    "process",
+                    "--name",
+                    f"{pool}-{socket.gethostname()}",
+                ],
+            )
             log(f"{pool} worker started (pid {pid}; log {self.logs / (name + '.log')})")
 
     def up(self, mlflow: bool = True, workers=tuple(POOLS)) -> None:
@@ -223,7 +272,7 @@ class Services:
         self.start_workers(workers)
 
     def down(self) -> None:
-        for pool in POOLS:              # workers before the server: they would otherwise crash-loop
+        for pool in POOLS:  # workers before the server: they would otherwise crash-loop
             self.stop(f"worker-{pool}")
         self.stop("mlflow")
         self.stop("prefect-server")
@@ -305,8 +354,10 @@ def _wait_healthy(url: str, timeout: float, logfile: Path) -> None:
 def _require_free(port: int, what: str, var: str) -> None:
     with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", port)) == 0:
-            raise SystemExit(f"port {port} on 127.0.0.1 is taken by another process: not starting {what} "
-                             f"(stop that process, or set {var} to a free port)")
+            raise SystemExit(
+                f"port {port} on 127.0.0.1 is taken by another process: not starting {what} "
+                f"(stop that process, or set {var} to a free port)"
+            )
 
 
 def _digest(paths: list[Path]) -> str:
@@ -317,8 +368,9 @@ def _digest(paths: list[Path]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="scripts/services.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="scripts/services.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["up", "demo", "down", "status", "deploy"])
     parser.add_argument("--recipe", default=os.environ.get("RECIPE", "recipes/tiny.yaml"))
     args = parser.parse_args(argv)

@@ -29,8 +29,15 @@ from prefect.cache_policies import NO_CACHE
 
 from schemas.cai_config import CAIConfig, MixSpec, PromptFile
 from schemas.constitution import CAI_SAMPLES_SCHEMA, Constitution, Principle
-from schemas.preference import (PREFERENCE_SCHEMA, QUARANTINE_SCHEMA, SFT_SCHEMA, Reason, content_id,
-                                normalise_prompt_text, prompt_hash)
+from schemas.preference import (
+    PREFERENCE_SCHEMA,
+    QUARANTINE_SCHEMA,
+    SFT_SCHEMA,
+    Reason,
+    content_id,
+    normalise_prompt_text,
+    prompt_hash,
+)
 from tasks.generation import Generator, GenOutput
 
 ECHO_WORDS = 8  # a revision holding any 8-word run of a request (or all of a shorter one) echoes it
@@ -50,8 +57,9 @@ class CAIPrompt:
 def held_out_prompt_hashes(dataset_dir: Path) -> set[str]:
     """Prompt hashes of the human test split: CAI never trains on them."""
     path = Path(dataset_dir) / "test.parquet"
-    return set(pq.read_table(path, columns=["prompt_hash"]).column("prompt_hash").to_pylist()) if path.exists() \
-        else set()
+    return (
+        set(pq.read_table(path, columns=["prompt_hash"]).column("prompt_hash").to_pylist()) if path.exists() else set()
+    )
 
 
 def read_prompts(src, seed: int) -> list[CAIPrompt]:
@@ -81,8 +89,13 @@ def select_prompts(candidates: list[CAIPrompt], exclude: set[str], limit: int | 
             seen.add(p.prompt_hash)
             kept.append(p)
     used = kept[:limit]
-    return used, {"prompts_read": len(candidates), "prompts_duplicate": dupes, "prompts_in_test": in_test,
-                  "prompts_over_limit": len(kept) - len(used), "prompts_used": len(used)}
+    return used, {
+        "prompts_read": len(candidates),
+        "prompts_duplicate": dupes,
+        "prompts_in_test": in_test,
+        "prompts_over_limit": len(kept) - len(used),
+        "prompts_used": len(used),
+    }
 
 
 # ---------------------------------------------------------------- principles and conversations
@@ -125,8 +138,15 @@ class CAISample:
     revision: GenOutput
 
     def conversation(self, few_shot: list[dict] = ()) -> list[dict]:
-        return [*few_shot, *self.prompt.prompt, assistant(self.initial.text), user(self.principle.critique),
-                assistant(self.critique.text), user(self.principle.revision), assistant(self.revision.text)]
+        return [
+            *few_shot,
+            *self.prompt.prompt,
+            assistant(self.initial.text),
+            user(self.principle.critique),
+            assistant(self.critique.text),
+            user(self.principle.revision),
+            assistant(self.revision.text),
+        ]
 
 
 SKIPPED = GenOutput("", False, 0, "skipped: an earlier turn of this conversation failed")
@@ -144,20 +164,30 @@ def _round(generate: Generator, convs: list[list[dict] | None]) -> list[GenOutpu
     return result
 
 
-def critique_and_revise(prompts: list[CAIPrompt], principles: list[Principle], few_shot: list[dict],
-                        generate: Generator, critic: Generator | None = None) -> list[CAISample]:
+def critique_and_revise(
+    prompts: list[CAIPrompt],
+    principles: list[Principle],
+    few_shot: list[dict],
+    generate: Generator,
+    critic: Generator | None = None,
+) -> list[CAISample]:
     """Three batched rounds: initial (``generate``), critique and revision (``critic``, default ``generate``)."""
     critic = critic or generate
     convs: list[list[dict] | None] = [[*few_shot, *p.prompt] for p in prompts]
     initial = _round(generate, convs)
-    convs = [None if o.error else [*c, assistant(o.text), user(pr.critique)]
-             for c, o, pr in zip(convs, initial, principles)]
+    convs = [
+        None if o.error else [*c, assistant(o.text), user(pr.critique)] for c, o, pr in zip(convs, initial, principles)
+    ]
     critique = _round(critic, convs)
-    convs = [None if c is None or o.error else [*c, assistant(o.text), user(pr.revision)]
-             for c, o, pr in zip(convs, critique, principles)]
+    convs = [
+        None if c is None or o.error else [*c, assistant(o.text), user(pr.revision)]
+        for c, o, pr in zip(convs, critique, principles)
+    ]
     revision = _round(critic, convs)
-    return [CAISample(i, p, pr, a, b, c)
-            for i, (p, pr, a, b, c) in enumerate(zip(prompts, principles, initial, critique, revision))]
+    return [
+        CAISample(i, p, pr, a, b, c)
+        for i, (p, pr, a, b, c) in enumerate(zip(prompts, principles, initial, critique, revision))
+    ]
 
 
 # ---------------------------------------------------------------- quarantine rules
@@ -165,12 +195,13 @@ def critique_and_revise(prompts: list[CAIPrompt], principles: list[Principle], f
 
 def echoes(text: str, request: str, window: int = ECHO_WORDS) -> bool:
     """True when ``text`` repeats ``request`` (any ``window``-word run of it, or all of it if shorter)."""
+
     def words_of(t: str) -> list[str]:  # punctuation-blind: "answer:" repeats "answer"
         return re.sub(r"[^\w]+", " ", normalise_prompt_text(t)).split()
 
     words, hay = words_of(request), f" {' '.join(words_of(text))} "
     k = min(window, len(words))
-    return k > 0 and any(f" {' '.join(words[i:i + k])} " in hay for i in range(len(words) - k + 1))
+    return k > 0 and any(f" {' '.join(words[i : i + k])} " in hay for i in range(len(words) - k + 1))
 
 
 def quarantine_reason(s: CAISample) -> tuple[Reason, str] | None:
@@ -219,23 +250,65 @@ def build_tables(samples: list[CAISample]) -> CAITables:
         pid = None
         if verdict is None:
             pid = content_id(prompt, chosen, rejected)
-            pairs.append({"id": pid, "source": src, "source_row": s.row_id, "prompt": prompt, "chosen": chosen,
-                          "rejected": rejected, "score_chosen": None, "score_rejected": None,
-                          "prompt_hash": s.prompt.prompt_hash})
-            sft.append({"id": content_id(prompt, chosen, []), "source": src, "source_row": s.row_id,
-                        "messages": prompt + chosen, "prompt_hash": s.prompt.prompt_hash})
+            pairs.append(
+                {
+                    "id": pid,
+                    "source": src,
+                    "source_row": s.row_id,
+                    "prompt": prompt,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "score_chosen": None,
+                    "score_rejected": None,
+                    "prompt_hash": s.prompt.prompt_hash,
+                }
+            )
+            sft.append(
+                {
+                    "id": content_id(prompt, chosen, []),
+                    "source": src,
+                    "source_row": s.row_id,
+                    "messages": prompt + chosen,
+                    "prompt_hash": s.prompt.prompt_hash,
+                }
+            )
         else:
-            raw = {"prompt": prompt, "principle": s.principle.id, "initial": s.initial.text,
-                   "critique": s.critique.text, "revision": s.revision.text}
-            quarantine.append({"source": src, "source_row": s.row_id, "reason": verdict[0].value,
-                               "detail": verdict[1], "raw": json.dumps(raw, ensure_ascii=False)})
-        trace.append({"row_id": s.row_id, "prompt_source": s.prompt.source, "prompt_source_row": s.prompt.source_row,
-                      "prompt": prompt, "prompt_hash": s.prompt.prompt_hash, "principle_id": s.principle.id,
-                      "critique_request": s.principle.critique, "revision_request": s.principle.revision,
-                      "initial": s.initial.text, "critique": s.critique.text, "revision": s.revision.text,
-                      "initial_truncated": s.initial.hit_max_tokens, "critique_truncated": s.critique.hit_max_tokens,
-                      "revision_truncated": s.revision.hit_max_tokens,
-                      "status": "accepted" if verdict is None else verdict[0].value, "pair_id": pid})
+            raw = {
+                "prompt": prompt,
+                "principle": s.principle.id,
+                "initial": s.initial.text,
+                "critique": s.critique.text,
+                "revision": s.revision.text,
+            }
+            quarantine.append(
+                {
+                    "source": src,
+                    "source_row": s.row_id,
+                    "reason": verdict[0].value,
+                    "detail": verdict[1],
+                    "raw": json.dumps(raw, ensure_ascii=False),
+                }
+            )
+        trace.append(
+            {
+                "row_id": s.row_id,
+                "prompt_source": s.prompt.source,
+                "prompt_source_row": s.prompt.source_row,
+                "prompt": prompt,
+                "prompt_hash": s.prompt.prompt_hash,
+                "principle_id": s.principle.id,
+                "critique_request": s.principle.critique,
+                "revision_request": s.principle.revision,
+                "initial": s.initial.text,
+                "critique": s.critique.text,
+                "revision": s.revision.text,
+                "initial_truncated": s.initial.hit_max_tokens,
+                "critique_truncated": s.critique.hit_max_tokens,
+                "revision_truncated": s.revision.hit_max_tokens,
+                "status": "accepted" if verdict is None else verdict[0].value,
+                "pair_id": pid,
+            }
+        )
     return CAITables(
         pa.Table.from_pylist(pairs, schema=PREFERENCE_SCHEMA),
         pa.Table.from_pylist(sft, schema=SFT_SCHEMA),
@@ -253,8 +326,10 @@ def mix_rows(table: pa.Table, spec: MixSpec, human_rows: int, seed: int) -> pa.T
     n = round(table.num_rows * spec.weight)
     if spec.max_fraction is not None:
         n = min(n, int(human_rows * spec.max_fraction))
-    order = sorted(range(table.num_rows),
-                   key=lambda i: hashlib.blake2b(f"{seed}:{table['id'][i].as_py()}".encode(), digest_size=8).digest())
+    order = sorted(
+        range(table.num_rows),
+        key=lambda i: hashlib.blake2b(f"{seed}:{table['id'][i].as_py()}".encode(), digest_size=8).digest(),
+    )
     return table.take(pa.array(sorted(order[:n]), type=pa.int64()))
 
 
@@ -264,8 +339,9 @@ def counts_for_contract(tables: CAITables, principles: list[Principle]) -> dict:
     qua = Counter(tables.quarantine["source"].to_pylist())
     read = Counter(tables.samples["principle_id"].to_pylist())
     names = sorted({source_of(p) for p in principles} & (set(acc) | set(qua)))
-    return {"per_source": {s: {"read": read[s.split("/", 1)[1]], "accepted": acc[s], "quarantined": qua[s]}
-                           for s in names}}
+    return {
+        "per_source": {s: {"read": read[s.split("/", 1)[1]], "accepted": acc[s], "quarantined": qua[s]} for s in names}
+    }
 
 
 def examples_markdown(samples: pa.Table, k: int = 3, width: int = 300) -> str:
@@ -278,11 +354,19 @@ def examples_markdown(samples: pa.Table, k: int = 3, width: int = 300) -> str:
 
     lines = [f"# CAI examples ({samples.num_rows} prompts)", ""]
     for r in rows:
-        lines += [f"## row {r['row_id']} · principle `{r['principle_id']}` · {r['status']}", "",
-                  "| turn | text |", "|---|---|",
-                  f"| prompt | {cut(r['prompt'][-1]['content'])} |", f"| initial | {cut(r['initial'])} |",
-                  f"| critique request | {cut(r['critique_request'])} |", f"| critique | {cut(r['critique'])} |",
-                  f"| revision request | {cut(r['revision_request'])} |", f"| revision | {cut(r['revision'])} |", ""]
+        lines += [
+            f"## row {r['row_id']} · principle `{r['principle_id']}` · {r['status']}",
+            "",
+            "| turn | text |",
+            "|---|---|",
+            f"| prompt | {cut(r['prompt'][-1]['content'])} |",
+            f"| initial | {cut(r['initial'])} |",
+            f"| critique request | {cut(r['critique_request'])} |",
+            f"| critique | {cut(r['critique'])} |",
+            f"| revision request | {cut(r['revision_request'])} |",
+            f"| revision | {cut(r['revision'])} |",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -313,10 +397,15 @@ def stage_key(recipe, dataset_dir: Path, model_ref: str, critic_ref: str) -> str
     from tasks.models import model_identity
     from tasks.tracking import dataset_version
 
-    payload = {"cai": recipe.cai.model_dump(mode="json"), "dataset": dataset_version(dataset_dir),
-               "constitution": hashlib.sha256(Path(recipe.cai.constitution).read_bytes()).hexdigest()[:16],
-               "model": model_identity(model_ref), "critic": model_identity(critic_ref),
-               "template": recipe.model.chat_template, "code": CODE_VERSION}
+    payload = {
+        "cai": recipe.cai.model_dump(mode="json"),
+        "dataset": dataset_version(dataset_dir),
+        "constitution": hashlib.sha256(Path(recipe.cai.constitution).read_bytes()).hexdigest()[:16],
+        "model": model_identity(model_ref),
+        "critic": model_identity(critic_ref),
+        "template": recipe.model.chat_template,
+        "code": CODE_VERSION,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -330,8 +419,11 @@ def rescore(reward_dir: Path, pairs: pa.Table) -> dict:
     revised = score(reward_dir, [r["prompt"] + r["chosen"] for r in rows])
     initial = score(reward_dir, [r["prompt"] + r["rejected"] for r in rows])
     n = len(rows)
-    return {"reward_initial_mean": sum(initial) / n, "reward_revision_mean": sum(revised) / n,
-            "revision_scores_higher_share": sum(b > a for a, b in zip(initial, revised)) / n}
+    return {
+        "reward_initial_mean": sum(initial) / n,
+        "reward_revision_mean": sum(revised) / n,
+        "revision_scores_higher_share": sum(b > a for a, b in zip(initial, revised)) / n,
+    }
 
 
 def check_contract(recipe, tables: CAITables, principles: list[Principle], docs_dir: Path):
@@ -340,17 +432,29 @@ def check_contract(recipe, tables: CAITables, principles: list[Principle], docs_
     from tasks.splits import contract_params
 
     params = {**contract_params(recipe), "allowed_sources": sorted({source_of(p) for p in principles})}
-    result = run_contract(tables.pairs, PREFERENCE_SCHEMA.empty_table(), tables.quarantine,
-                          counts_for_contract(tables, principles), recipe.data.contract, docs_dir, params)
+    result = run_contract(
+        tables.pairs,
+        PREFERENCE_SCHEMA.empty_table(),
+        tables.quarantine,
+        counts_for_contract(tables, principles),
+        recipe.data.contract,
+        docs_dir,
+        params,
+    )
     bad = [f for f in result.critical_failures if f["table"] != "splits"]
     if bad:
-        raise ContractBreach("CAI data contract: " + "; ".join(
-            f"{f['name']} [{f['table']}]: {f['unexpected_count']} row(s), e.g. {f['unexpected_ids']}" for f in bad))
+        raise ContractBreach(
+            "CAI data contract: "
+            + "; ".join(
+                f"{f['name']} [{f['table']}]: {f['unexpected_count']} row(s), e.g. {f['unexpected_ids']}" for f in bad
+            )
+        )
     return result
 
 
-def write_outputs(tmp: Path, out_dir: Path, tables: CAITables, mixes: dict[str, pa.Table],
-                  manifest: dict) -> dict[str, Path]:
+def write_outputs(
+    tmp: Path, out_dir: Path, tables: CAITables, mixes: dict[str, pa.Table], manifest: dict
+) -> dict[str, Path]:
     """Write every file into ``tmp`` (a sibling of ``out_dir``), then swap it into place: no torn ``cai/``."""
     import shutil
 
@@ -358,8 +462,13 @@ def write_outputs(tmp: Path, out_dir: Path, tables: CAITables, mixes: dict[str, 
     from tasks.splits import write_parquet
 
     (tmp / "mix").mkdir(exist_ok=True)
-    named = {"pairs": tables.pairs, "sft": tables.sft, "quarantine": tables.quarantine, "samples": tables.samples,
-             **{f"mix/{k}": v for k, v in mixes.items()}}
+    named = {
+        "pairs": tables.pairs,
+        "sft": tables.sft,
+        "quarantine": tables.quarantine,
+        "samples": tables.samples,
+        **{f"mix/{k}": v for k, v in mixes.items()},
+    }
     for name, table in named.items():
         write_parquet(table, tmp / f"{name}.parquet")
         manifest["files"][f"{name}.parquet"] = {"rows": table.num_rows, "sha256": file_sha256(tmp / f"{name}.parquet")}
@@ -367,8 +476,9 @@ def write_outputs(tmp: Path, out_dir: Path, tables: CAITables, mixes: dict[str, 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
-    return {n: out_dir / f"{n}.parquet" for n in ("pairs", "sft", "quarantine", "samples")} | \
-        {"manifest": out_dir / "manifest.json"}
+    return {n: out_dir / f"{n}.parquet" for n in ("pairs", "sft", "quarantine", "samples")} | {
+        "manifest": out_dir / "manifest.json"
+    }
 
 
 def log_tracking(tables: CAITables, metrics: dict, contract_summary: dict | None) -> None:
@@ -393,8 +503,11 @@ def publish_artifact(tables: CAITables) -> None:
     if TaskRunContext.get() or FlowRunContext.get():
         from prefect.artifacts import create_markdown_artifact
 
-        create_markdown_artifact(examples_markdown(tables.samples), key="cai-examples",
-                                 description="Constitutional AI: prompt, principle, initial, critique, revision")
+        create_markdown_artifact(
+            examples_markdown(tables.samples),
+            key="cai-examples",
+            description="Constitutional AI: prompt, principle, initial, critique, revision",
+        )
 
 
 def resolve_models(recipe, sft_model_dir: Path | None) -> tuple[str, str]:
@@ -411,8 +524,14 @@ def resolve_models(recipe, sft_model_dir: Path | None) -> tuple[str, str]:
     return model, resolve_model_ref(cfg.critic_model, "cai.critic_model") if cfg.critic_model else model
 
 
-def run_cai(recipe, dataset_dir: Path, sft_model_dir: Path | None = None, reward_dir: Path | None = None,
-            generate: Generator | None = None, critic: Generator | None = None) -> CAIResult:
+def run_cai(
+    recipe,
+    dataset_dir: Path,
+    sft_model_dir: Path | None = None,
+    reward_dir: Path | None = None,
+    generate: Generator | None = None,
+    critic: Generator | None = None,
+) -> CAIResult:
     """Run (or reuse) the CAI stage into ``<dataset_dir>/cai/``. ``generate``/``critic`` replace the models."""
     import tempfile
     import time
@@ -433,36 +552,59 @@ def run_cai(recipe, dataset_dir: Path, sft_model_dir: Path | None = None, reward
     prompts, principles, few_shot, counts = prepare(cfg, constitution, dataset_dir, recipe.data.seed)
     if not prompts:
         raise ValueError(f"cai.prompts: no prompts left to critique ({counts}); name a prompt source in the recipe")
-    params = {"constitution": cfg.constitution, "principles": len(constitution.principles), "model": model_ref,
-              "critic_model": critic_ref, **cfg.model_dump(mode="json", exclude={"prompts", "constitution"})}
+    params = {
+        "constitution": cfg.constitution,
+        "principles": len(constitution.principles),
+        "model": model_ref,
+        "critic_model": critic_ref,
+        **cfg.model_dump(mode="json", exclude={"prompts", "constitution"}),
+    }
     with stage_run("cai", recipe, dataset_dir, params) as run_id:
         if generate is None:
             generate = load_generator(model_ref, cfg.generation, cfg.backend, recipe.model.chat_template, desc="cai")
             if critic_ref != model_ref:
-                critic = load_generator(critic_ref, cfg.generation, cfg.backend, recipe.model.chat_template,
-                                        desc="cai critic")
+                critic = load_generator(
+                    critic_ref, cfg.generation, cfg.backend, recipe.model.chat_template, desc="cai critic"
+                )
         started = time.perf_counter()
         samples = critique_and_revise(prompts, principles, few_shot, generate, critic)
         seconds = time.perf_counter() - started
         tables = build_tables(samples)
-        tokens = sum(g.stats.tokens for g in {id(x): x for x in (generate, critic) if x}.values()
-                     if hasattr(g, "stats"))
-        metrics = {**counts, "pairs": tables.pairs.num_rows, "quarantined": tables.quarantine.num_rows,
-                   "generate_seconds": round(seconds, 3), "rows_per_s": round(len(samples) / seconds, 3),
-                   "tokens_generated": tokens, "tokens_per_s": round(tokens / seconds, 3),
-                   **{f"quarantine_{k}": v for k, v in tables.reasons.items()},
-                   **{f"principle_{k}": v for k, v in sorted(Counter(p.id for p in principles).items())}}
+        tokens = sum(
+            g.stats.tokens for g in {id(x): x for x in (generate, critic) if x}.values() if hasattr(g, "stats")
+        )
+        metrics = {
+            **counts,
+            "pairs": tables.pairs.num_rows,
+            "quarantined": tables.quarantine.num_rows,
+            "generate_seconds": round(seconds, 3),
+            "rows_per_s": round(len(samples) / seconds, 3),
+            "tokens_generated": tokens,
+            "tokens_per_s": round(tokens / seconds, 3),
+            **{f"quarantine_{k}": v for k, v in tables.reasons.items()},
+            **{f"principle_{k}": v for k, v in sorted(Counter(p.id for p in principles).items())},
+        }
         if reward_dir is not None:
             metrics.update(rescore(Path(reward_dir), tables.pairs))
         human_rows = pq.read_metadata(dataset_dir / "train.parquet").num_rows
-        mixes = {name: mix_rows(tables.pairs, getattr(cfg.mix, name), human_rows, cfg.seed)
-                 for name in ("sft", "reward", "dpo")}
+        mixes = {
+            name: mix_rows(tables.pairs, getattr(cfg.mix, name), human_rows, cfg.seed)
+            for name in ("sft", "reward", "dpo")
+        }
         metrics.update({f"mix_{k}_rows": v.num_rows for k, v in mixes.items()})
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-cai-", dir=dataset_dir))
         contract = check_contract(recipe, tables, principles, tmp / "data_docs")
-        manifest = {"key": key, "constitution": constitution.name, "model": model_ref, "critic_model": critic_ref,
-                    "metrics": metrics, "quarantine_reasons": tables.reasons, "run_id": run_id,
-                    "contract": contract.summary, "files": {}}
+        manifest = {
+            "key": key,
+            "constitution": constitution.name,
+            "model": model_ref,
+            "critic_model": critic_ref,
+            "metrics": metrics,
+            "quarantine_reasons": tables.reasons,
+            "run_id": run_id,
+            "contract": contract.summary,
+            "files": {},
+        }
         files = write_outputs(tmp, out_dir, tables, mixes, manifest)
         log_tracking(tables, metrics, contract.summary)
         publish_artifact(tables)
@@ -470,8 +612,9 @@ def run_cai(recipe, dataset_dir: Path, sft_model_dir: Path | None = None, reward
 
 
 def _result(out_dir: Path, manifest: dict, reused: bool, files: dict | None = None) -> CAIResult:
-    files = files or {n: out_dir / f"{n}.parquet" for n in ("pairs", "sft", "quarantine", "samples")} | \
-        {"manifest": out_dir / "manifest.json"}
+    files = files or {n: out_dir / f"{n}.parquet" for n in ("pairs", "sft", "quarantine", "samples")} | {
+        "manifest": out_dir / "manifest.json"
+    }
     mix = {k: out_dir / "mix" / f"{k}.parquet" for k in ("sft", "reward", "dpo")}
     return CAIResult(out_dir, files, mix, manifest["metrics"], manifest.get("run_id"), reused)
 
@@ -480,5 +623,9 @@ def _result(out_dir: Path, manifest: dict, reused: bool, files: dict | None = No
 def cai_stage(recipe, dataset_dir: Path, sft, output_root: Path | None = None, reward=None) -> CAIResult:
     """Flow entry: ``sft``/``reward`` are earlier StageResults (reward optional). Outputs live beside the
     dataset (``<dataset_dir>/cai``); ``output_root`` is accepted for the stage signature and unused."""
-    return run_cai(recipe, Path(dataset_dir), sft.model_dir if sft is not None else None,
-                   reward.model_dir if reward is not None else None)
+    return run_cai(
+        recipe,
+        Path(dataset_dir),
+        sft.model_dir if sft is not None else None,
+        reward.model_dir if reward is not None else None,
+    )

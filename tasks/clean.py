@@ -76,14 +76,23 @@ def clean_rows(table: pa.Table, cfg: DataConfig, eval_prompts: Iterable[str] = (
     lim = cfg.lengths
     for side in SIDES:
         lengths = _per_row_lengths(table[side], n)
-        mark(lengths[0] < lim.min_chars, Reason.TOO_SHORT,
-             lambda i, s=side, m=lengths[0]: f"{s} has a turn of {m[i]} chars < min_chars={lim.min_chars}")
-        mark(lengths[1] > lim.max_chars, Reason.TOO_LONG,
-             lambda i, s=side, m=lengths[1]: f"{s} has a turn of {m[i]} chars > max_chars={lim.max_chars}")
+        mark(
+            lengths[0] < lim.min_chars,
+            Reason.TOO_SHORT,
+            lambda i, s=side, m=lengths[0]: f"{s} has a turn of {m[i]} chars < min_chars={lim.min_chars}",
+        )
+        mark(
+            lengths[1] > lim.max_chars,
+            Reason.TOO_LONG,
+            lambda i, s=side, m=lengths[1]: f"{s} has a turn of {m[i]} chars > max_chars={lim.max_chars}",
+        )
     if lim.max_tokens is not None:
         tokens = token_lengths(table, tokenizer)
-        mark(tokens > lim.max_tokens, Reason.TOO_LONG,
-             lambda i: f"prompt + longer answer is {tokens[i]} tokens > max_tokens={lim.max_tokens}")
+        mark(
+            tokens > lim.max_tokens,
+            Reason.TOO_LONG,
+            lambda i: f"prompt + longer answer is {tokens[i]} tokens > max_tokens={lim.max_tokens}",
+        )
 
     _mark_duplicates(table, reasons, details)
 
@@ -158,8 +167,9 @@ def _rehash(table: pa.Table, rows: np.ndarray) -> pa.Table:
         ids[i] = content_id(r["prompt"], r["chosen"], r["rejected"])
         hashes[i] = prompt_hash(r["prompt"])
     table = table.set_column(table.schema.get_field_index("id"), PREFERENCE_SCHEMA.field("id"), pa.array(ids))
-    return table.set_column(table.schema.get_field_index("prompt_hash"), PREFERENCE_SCHEMA.field("prompt_hash"),
-                            pa.array(hashes))
+    return table.set_column(
+        table.schema.get_field_index("prompt_hash"), PREFERENCE_SCHEMA.field("prompt_hash"), pa.array(hashes)
+    )
 
 
 def _messages(col: pa.ChunkedArray) -> tuple[pa.ListArray, np.ndarray]:
@@ -263,7 +273,9 @@ def read_eval_prompts(paths: Iterable[str | Path]) -> list[str]:
         if path.suffix == ".txt":
             prompts += [line for line in text.splitlines() if line.strip()]
             continue
-        records = json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+        records = (
+            json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
         for k, rec in enumerate(records):
             p = rec.get("prompt") if isinstance(rec, dict) else None
             if not isinstance(p, str):

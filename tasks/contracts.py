@@ -142,8 +142,19 @@ def _where(raw: Any, err: dict) -> str:
 # ------------------------------------------------------------------------------------------- placeholders
 
 # Arithmetic on names and numbers only: no calls, attributes or subscripts, so eval() below is safe.
-_EXPR_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Name, ast.Load, ast.Constant,
-               ast.Add, ast.Sub, ast.Mult, ast.Div, ast.USub)
+_EXPR_NODES = (
+    ast.Expression,
+    ast.BinOp,
+    ast.UnaryOp,
+    ast.Name,
+    ast.Load,
+    ast.Constant,
+    ast.Add,
+    ast.Sub,
+    ast.Mult,
+    ast.Div,
+    ast.USub,
+)
 
 
 def _resolve(value: Any, params: dict | None) -> Any:
@@ -185,8 +196,12 @@ def build_views(train: pa.Table, test: pa.Table, quarantine: pa.Table, counts: d
             ROW_REF: ["splits"],
         }
     )
-    return {"rows": rows, "splits": splits, "sources": _sources_view(rows, quarantine, counts),
-            "quarantine": _quarantine_view(quarantine)}
+    return {
+        "rows": rows,
+        "splits": splits,
+        "sources": _sources_view(rows, quarantine, counts),
+        "quarantine": _quarantine_view(quarantine),
+    }
 
 
 def _rows_view(train: pa.Table, test: pa.Table) -> pa.Table:
@@ -238,8 +253,13 @@ def _turn_stats(column: pa.ChunkedArray, n: int) -> dict[str, Any]:
     flat = pc.list_flatten(column)  # turns of null lists are skipped, as their length counts 0 above
     roles = pc.struct_field(flat, "role")
     chars = pc.utf8_length(pc.struct_field(flat, "content")).fill_null(0).to_numpy().astype(np.int64)
-    stats = {"turns": turns, "lengths": lengths, "min_chars": np.full(n, np.iinfo(np.int64).max),
-             "max_chars": np.zeros(n, dtype=np.int64), "total_chars": np.zeros(n, dtype=np.int64)}
+    stats = {
+        "turns": turns,
+        "lengths": lengths,
+        "min_chars": np.full(n, np.iinfo(np.int64).max),
+        "max_chars": np.zeros(n, dtype=np.int64),
+        "total_chars": np.zeros(n, dtype=np.int64),
+    }
     if len(chars):  # an empty list keeps min=int64 max, so it never lowers a row's minimum
         for key, ufunc in (("min_chars", np.minimum), ("max_chars", np.maximum), ("total_chars", np.add)):
             stats[key][nonempty] = ufunc.reduceat(chars, starts[nonempty])
@@ -284,10 +304,14 @@ def _sources_view(rows: pa.Table, quarantine: pa.Table, counts: dict) -> pa.Tabl
             "rows_in_quarantine": [in_quarantine.get(s, 0) for s in names],
             "quarantine_share": [q / r if r else 0.0 for q, r in zip(got["quarantined"], got["read"])],
         },
-        schema=pa.schema([(ROW_REF, pa.string()), ("source", pa.string())]
-                         + [(c, pa.int64()) for c in ("read", "accepted", "quarantined", "accounted",
-                                                      "rows_in_splits", "rows_in_quarantine")]
-                         + [("quarantine_share", pa.float64())]),
+        schema=pa.schema(
+            [(ROW_REF, pa.string()), ("source", pa.string())]
+            + [
+                (c, pa.int64())
+                for c in ("read", "accepted", "quarantined", "accounted", "rows_in_splits", "rows_in_quarantine")
+            ]
+            + [("quarantine_share", pa.float64())]
+        ),
     )
 
 
@@ -303,7 +327,7 @@ def _quarantine_view(quarantine: pa.Table) -> pa.Table:
 
 
 def _source_refs(table: pa.Table) -> pa.ChunkedArray:
-    """"source:source_row" per row: how a row without an id is named (it can be found in its source file)."""
+    """ "source:source_row" per row: how a row without an id is named (it can be found in its source file)."""
     source_row = pc.cast(table["source_row"], pa.string())
     return pc.binary_join_element_wise(pc.fill_null(table["source"], "?"), pc.fill_null(source_row, "?"), ":")
 
@@ -395,8 +419,10 @@ def _resolved_kwargs(suite: Suite, views: dict[str, pa.Table], values: dict, sui
         columns = views[spec.view].column_names
         for column in filter(None, named):
             if column not in columns:
-                raise SuiteError(f"{suite_path}: expectation {spec.id!r}: view {spec.view!r} has no column "
-                                 f"{column!r}; its columns: {[c for c in columns if c != ROW_REF]}")
+                raise SuiteError(
+                    f"{suite_path}: expectation {spec.id!r}: view {spec.view!r} has no column "
+                    f"{column!r}; its columns: {[c for c in columns if c != ROW_REF]}"
+                )
         out[spec.id] = kwargs
     return out
 
@@ -418,8 +444,9 @@ def _validate(suite: Suite, views: dict, kwargs: dict, total_rows: int, suite_pa
         if not specs:
             continue
         expectations = [_gx_expectation(s, kwargs[s.id], s.severity_for(total_rows), suite_path) for s in specs]
-        gx_suite = context.suites.add_or_update(gx.ExpectationSuite(name=f"{suite.name}.{view}",
-                                                                    expectations=expectations))
+        gx_suite = context.suites.add_or_update(
+            gx.ExpectationSuite(name=f"{suite.name}.{view}", expectations=expectations)
+        )
         batch = datasource.add_dataframe_asset(name=view).add_batch_definition_whole_dataframe(name=view)
         definition = context.validation_definitions.add_or_update(
             gx.ValidationDefinition(name=f"{suite.name}.{view}", data=batch, suite=gx_suite)
@@ -455,12 +482,17 @@ def _context_config(docs_dir: Path | None):
     if docs_dir is not None:
         sites[DOCS_SITE] = {
             "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                              "base_directory": str(Path(docs_dir).resolve())},
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(Path(docs_dir).resolve()),
+            },
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         }
-    return DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(), data_docs_sites=sites,
-                             progress_bars=ProgressBarsConfig(globally=False))
+    return DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(),
+        data_docs_sites=sites,
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
 
 
 def _entry(spec: ExpectationSpec, r, severity: str) -> dict:
@@ -519,8 +551,10 @@ def publish_contract_artifact(result: ContractResult, key: str) -> None:
 def publish_summary_artifact(summary: dict, key: str, docs_index: Path | None = None) -> None:
     """The same artifact from a stored summary (manifest.json's `contract`), e.g. for a reused version."""
     if not _ARTIFACT_KEY.match(key):
-        raise ValueError(f"artifact key {key!r}: use lowercase letters, numbers and dashes only, e.g. "
-                         f"{re.sub(r'[^a-z0-9-]+', '-', key.lower()).strip('-')!r}")
+        raise ValueError(
+            f"artifact key {key!r}: use lowercase letters, numbers and dashes only, e.g. "
+            f"{re.sub(r'[^a-z0-9-]+', '-', key.lower()).strip('-')!r}"
+        )
     from prefect.artifacts import create_table_artifact
 
     entries = summary["expectations"]

@@ -40,17 +40,17 @@ STAGE_FUNCTIONS = {
     "reward": ("tasks.reward:reward_stage", "tasks.reward:train_reward"),
     "dpo": ("tasks.dpo:dpo_stage", "tasks.dpo:train_dpo"),
 }
-GPU_STAGES = frozenset(STAGE_FUNCTIONS)                  # all of them want an accelerator when there is one
+GPU_STAGES = frozenset(STAGE_FUNCTIONS)  # all of them want an accelerator when there is one
 ACCELERATE_STAGES = frozenset({"sft", "reward", "dpo"})  # trainer stages; CAI generation runs in one process
 STAGE_DEPLOYMENT = "stage/gpu"
-GPU_TAG = "gpu"                                          # tag concurrency limit: stages per GPU host
+GPU_TAG = "gpu"  # tag concurrency limit: stages per GPU host
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Plan:
-    mode: str                       # "in-process" | "deployment" | "accelerate"
+    mode: str  # "in-process" | "deployment" | "accelerate"
     pool: str | None = None
     num_processes: int = 1
     accelerate_config: str | None = None
@@ -88,8 +88,9 @@ def resolve_accelerate_config(name: str | None) -> str | None:
         if candidate.is_file():
             return str(candidate.resolve())
     shipped = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"compute.accelerate_config: {name!r} is neither a file nor a shipped config "
-                            f"(shipped: {shipped})")
+    raise FileNotFoundError(
+        f"compute.accelerate_config: {name!r} is neither a file nor a shipped config (shipped: {shipped})"
+    )
 
 
 def stage_function(stage: str, pure: bool = False):
@@ -135,20 +136,30 @@ def prepare_base(stage: str, recipe, dataset_dir, args: tuple, kwargs: dict) -> 
 
 # ---- flow-level views of the stages (used by flows/align.py) ------------------------------------
 
+
 def publish_stage_metrics(results: dict, plans: dict | None = None) -> str:
     """Prefect artifact `stage-metrics`: per stage, trained or reused, where it ran, key metrics, folder."""
     from prefect.artifacts import create_markdown_artifact
 
-    keys = ["train_loss_last", "eval_loss_min", "final_accuracy", "final_reward_accuracy",
-            "final_reward_margin", "kl_to_ref"]
+    keys = [
+        "train_loss_last",
+        "eval_loss_min",
+        "final_accuracy",
+        "final_reward_accuracy",
+        "final_reward_margin",
+        "kl_to_ref",
+    ]
     lines = ["| stage | status | ran | " + " | ".join(keys) + " | model |", "|" + "---|" * (len(keys) + 4)]
     for name, r in results.items():
         m = getattr(r, "metrics", {}) or {}
         cells = [f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "-" for k in keys]
         status = "reused" if getattr(r, "reused", False) else "trained"
         ran = (plans or {}).get(name, "in-process")
-        lines.append(f"| {name} | {status} | {ran} | " + " | ".join(cells) +
-                     f" | `{getattr(r, 'model_dir', getattr(r, 'out_dir', ''))}` |")
+        lines.append(
+            f"| {name} | {status} | {ran} | "
+            + " | ".join(cells)
+            + f" | `{getattr(r, 'model_dir', getattr(r, 'out_dir', ''))}` |"
+        )
     text = "\n".join(lines)
     create_markdown_artifact(text, key="stage-metrics", description="stages of this align run: reused or trained")
     return text
@@ -187,14 +198,17 @@ def retrain_decision(recipe, dataset_dir) -> tuple[bool, str]:
 
 # ---- results across process boundaries -----------------------------------------------------------
 
+
 def encode(obj):
     """Stage inputs/results → JSON: Paths and dataclasses (StageResult, CAIResult) keep their type."""
     if isinstance(obj, Path):
         return {"__path__": str(obj)}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         cls = type(obj)
-        return {"__dataclass__": f"{cls.__module__}:{cls.__qualname__}",
-                "fields": {f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+        return {
+            "__dataclass__": f"{cls.__module__}:{cls.__qualname__}",
+            "fields": {f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)},
+        }
     if isinstance(obj, dict):
         return {str(k): encode(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -219,22 +233,37 @@ def decode(obj):
 
 # ---- gpu pool -------------------------------------------------------------------------------------
 
+
 def run_on_pool(stage: str, recipe, dataset_dir, call: dict, pool: str) -> dict:
     """Start `stage/gpu` on ``pool`` as a child of the current flow run, wait, return its encoded result."""
     from prefect.deployments import run_deployment
 
-    params = {"stage": stage, "recipe": recipe.model_dump(mode="json"), "dataset_dir": str(dataset_dir),
-              "dataset_version": dataset_version(dataset_dir), "call": call}
-    flow_run = run_deployment(STAGE_DEPLOYMENT, parameters=params, timeout=None, poll_interval=2,
-                              job_variables={"env": {"ALIGN_DISPATCHED": "1"}}, tags=[f"stage:{stage}"])
+    params = {
+        "stage": stage,
+        "recipe": recipe.model_dump(mode="json"),
+        "dataset_dir": str(dataset_dir),
+        "dataset_version": dataset_version(dataset_dir),
+        "call": call,
+    }
+    flow_run = run_deployment(
+        STAGE_DEPLOYMENT,
+        parameters=params,
+        timeout=None,
+        poll_interval=2,
+        job_variables={"env": {"ALIGN_DISPATCHED": "1"}},
+        tags=[f"stage:{stage}"],
+    )
     state = flow_run.state
     if state is None or not state.is_completed():
-        raise RuntimeError(f"stage {stage} on pool {pool!r}: flow run {flow_run.name} ended "
-                           f"{state.type.value if state else 'without a state'}: {state.message if state else ''}")
+        raise RuntimeError(
+            f"stage {stage} on pool {pool!r}: flow run {flow_run.name} ended "
+            f"{state.type.value if state else 'without a state'}: {state.message if state else ''}"
+        )
     return state.result()
 
 
 # ---- accelerate launch ----------------------------------------------------------------------------
+
 
 def accelerate_command(p: Plan, stage_args: list[str], cuda: bool) -> tuple[list[str], dict]:
     """The `accelerate launch` command line and environment for ``p``.
@@ -243,16 +272,29 @@ def accelerate_command(p: Plan, stage_args: list[str], cuda: bool) -> tuple[list
     that gives N real processes on gloo (``--cpu`` alone starts one process unless MPI is installed).
     FSDP / DeepSpeed configs need GPUs; on a CPU host their process count is kept and DDP/gloo is used.
     """
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(p.num_processes),
-           "--num_machines", "1", "--main_process_port", str(free_port())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(p.num_processes),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+    ]
     env = dict(os.environ, ACCELERATE_LAUNCHED="1", ALIGN_DISPATCHED="1", OMP_NUM_THREADS="1")
     kind = accelerate_kind(p.accelerate_config)
     use_config = bool(p.accelerate_config) and (cuda or kind == "MULTI_GPU")
     if use_config:
         cmd += ["--config_file", p.accelerate_config]
     elif p.accelerate_config:
-        log.warning("%s (%s) needs GPUs; on this CPU host the stage runs as %d DDP processes on gloo",
-                    Path(p.accelerate_config).name, kind, p.num_processes)
+        log.warning(
+            "%s (%s) needs GPUs; on this CPU host the stage runs as %d DDP processes on gloo",
+            Path(p.accelerate_config).name,
+            kind,
+            p.num_processes,
+        )
     if not cuda:
         env["ACCELERATE_USE_CPU"] = "true"
         cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -283,8 +325,9 @@ def run_accelerate(stage: str, recipe, dataset_dir, call: dict, p: Plan) -> dict
 
     with tempfile.TemporaryDirectory(prefix=f"align-{stage}-") as tmp:
         request, result_json = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        request.write_text(json.dumps({"recipe": recipe.model_dump(mode="json"), "dataset_dir": str(dataset_dir),
-                                       "call": call}))
+        request.write_text(
+            json.dumps({"recipe": recipe.model_dump(mode="json"), "dataset_dir": str(dataset_dir), "call": call})
+        )
         stage_args = ["--stage", stage, "--request", str(request), "--result", str(result_json)]
         cmd, env = accelerate_command(p, stage_args, torch.cuda.is_available())
         log.info("stage %s: %s", stage, shlex.join(cmd))

@@ -22,8 +22,13 @@ __all__ = ["StageResult", "dpo_stage", "train_dpo", "sequence_stats", "preferenc
 
 def _encode(tokenizer, prompt: list[dict], answer: list[dict]) -> tuple[list[int], int]:
     def ids(messages, gen):
-        return tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
-                                             tokenize=True, return_dict=True, add_generation_prompt=gen)["input_ids"]
+        return tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": m["content"]} for m in messages],
+            tokenize=True,
+            return_dict=True,
+            add_generation_prompt=gen,
+        )["input_ids"]
+
     prompt_ids, full = ids(prompt, True), ids(list(prompt) + list(answer), False)
     start = next((i for i, (a, b) in enumerate(zip(prompt_ids, full)) if a != b), min(len(prompt_ids), len(full)))
     return full, start
@@ -36,13 +41,13 @@ def sequence_stats(policy, ref, tokenizer, pairs: list[tuple[list[dict], list[di
     out = []
     pad = tokenizer.pad_token_id or 0
     for i in range(0, len(pairs), batch_size):
-        enc = [_encode(tokenizer, p, a) for p, a in pairs[i:i + batch_size]]
+        enc = [_encode(tokenizer, p, a) for p, a in pairs[i : i + batch_size]]
         width = max(len(ids) for ids, _ in enc)
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in enc])
         attn = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in enc])
         mask = torch.zeros_like(input_ids, dtype=torch.bool)
         for j, (ids, start) in enumerate(enc):
-            mask[j, start:len(ids)] = True
+            mask[j, start : len(ids)] = True
         with torch.no_grad():
             lp = torch.log_softmax(policy(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float(), -1)
             lr = torch.log_softmax(ref(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float(), -1)
@@ -89,13 +94,28 @@ def make_heldout_metrics(recipe):
             "kl_to_ref": end["kl_to_ref"],
             "heldout_pairs": len(rows),
         }
+
     return heldout
 
 
-def train_dpo(recipe, dataset_dir: Path, base_model: Path | None = None, output_root: Path | None = None,
-              extra_train: Sequence[Path] = (), callbacks: Sequence = ()) -> StageResult:
-    return run_stage("dpo", recipe, dataset_dir, base_model, output_root, extra_train, callbacks,
-                     evaluate=make_heldout_metrics(recipe))
+def train_dpo(
+    recipe,
+    dataset_dir: Path,
+    base_model: Path | None = None,
+    output_root: Path | None = None,
+    extra_train: Sequence[Path] = (),
+    callbacks: Sequence = (),
+) -> StageResult:
+    return run_stage(
+        "dpo",
+        recipe,
+        dataset_dir,
+        base_model,
+        output_root,
+        extra_train,
+        callbacks,
+        evaluate=make_heldout_metrics(recipe),
+    )
 
 
 dpo_stage = task(train_dpo, name="dpo", cache_policy=NO_CACHE)

@@ -69,8 +69,9 @@ def _win_rate(outcomes: np.ndarray) -> np.ndarray:
     return (outcomes > 0).mean(axis=-1) + 0.5 * (outcomes == 0).mean(axis=-1)
 
 
-def win_rate_summary(outcomes: np.ndarray, n_boot: int = 1000, confidence: float = 0.95,
-                     seed: int = 0) -> dict[str, float]:
+def win_rate_summary(
+    outcomes: np.ndarray, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> dict[str, float]:
     """Win/tie/loss rates and a percentile-bootstrap CI of the win rate (prompts resampled, seeded)."""
     o = np.asarray(outcomes)
     rng = np.random.default_rng(seed)
@@ -99,8 +100,9 @@ def token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.
     return float(per_seq.sum() / n_tokens.sum()), float(per_seq.mean())
 
 
-def token_kl_sums(policy_logits: torch.Tensor, ref_logits: torch.Tensor,
-                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_kl_sums(
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: the summed per-position KL over masked positions, and the masked token count
     (batches of any size combine exactly: total KL / total tokens)."""
     import torch
@@ -116,5 +118,9 @@ def length_stats(lengths: list[int], prefix: str) -> dict[str, float]:
     a = np.asarray(lengths, dtype=float)
     if a.size == 0:
         return {}
-    return {f"{prefix}_mean": float(a.mean()), f"{prefix}_median": float(np.median(a)),
-            f"{prefix}_p90": float(np.quantile(a, 0.9)), f"{prefix}_max": float(a.max())}
+    return {
+        f"{prefix}_mean": float(a.mean()),
+        f"{prefix}_median": float(np.median(a)),
+        f"{prefix}_p90": float(np.quantile(a, 0.9)),
+        f"{prefix}_max": float(a.max()),
+    }

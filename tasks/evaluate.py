@@ -24,8 +24,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from schemas.cai_config import GenerationConfig
-from tasks.clean import read_eval_prompts
 from tasks import eval_stats, tracking
+from tasks.clean import read_eval_prompts
 
 CHAMPION_PREFIX = "champion."
 
@@ -35,8 +35,9 @@ CHAMPION_PREFIX = "champion."
 
 def test_pairs(dataset_dir: Path, limit: int) -> list[dict]:
     """Test-split rows, in a stable order (by id), at most ``limit``."""
-    rows = pq.read_table(Path(dataset_dir) / "test.parquet", columns=["id", "prompt", "chosen", "rejected",
-                                                                        "prompt_hash"]).to_pylist()
+    rows = pq.read_table(
+        Path(dataset_dir) / "test.parquet", columns=["id", "prompt", "chosen", "rejected", "prompt_hash"]
+    ).to_pylist()
     return sorted(rows, key=lambda r: r["id"])[:limit]
 
 
@@ -71,15 +72,17 @@ def contract_success(dataset_dir: Path) -> float:
 
 def encode_answer(tokenizer, prompt: list[dict], answer: str) -> tuple[list[int], list[int]]:
     """(prompt ids with the generation prompt, answer ids incl. end of turn), split as the chat template renders."""
+
     def ids(messages, gen):
-        return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen,
-                                             return_dict=True)["input_ids"]
+        return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=True)[
+            "input_ids"
+        ]
 
     p = ids(prompt, True)
     full = ids(prompt + [{"role": "assistant", "content": answer}], False)
     if full[: len(p)] != p:
         raise ValueError("chat template does not render the prompt as a prefix of prompt+answer")
-    return p, full[len(p):]
+    return p, full[len(p) :]
 
 
 def _batch(pairs: list[tuple[list[int], list[int]]], pad_id: int):
@@ -93,7 +96,7 @@ def _batch(pairs: list[tuple[list[int], list[int]]], pad_id: int):
     for b, (p, a) in enumerate(pairs):
         ids[b, : len(p) + len(a)] = torch.tensor(p + a)
         attn[b, : len(p) + len(a)] = 1
-        target[b, len(p) - 1: len(p) + len(a) - 1] = 1
+        target[b, len(p) - 1 : len(p) + len(a) - 1] = 1
     return ids, attn, target
 
 
@@ -103,7 +106,7 @@ def answer_logprobs(model, pairs, pad_id: int, batch_size: int) -> list[float]:
 
     out = []
     for i in range(0, len(pairs), batch_size):
-        ids, attn, target = _batch(pairs[i:i + batch_size], pad_id)
+        ids, attn, target = _batch(pairs[i : i + batch_size], pad_id)
         with torch.inference_mode():
             logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
         lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
@@ -116,7 +119,7 @@ def answer_kl(policy, ref, pairs, pad_id: int, batch_size: int) -> dict[str, flo
 
     seq_kl, tokens = [], []
     for i in range(0, len(pairs), batch_size):
-        ids, attn, target = _batch(pairs[i:i + batch_size], pad_id)
+        ids, attn, target = _batch(pairs[i : i + batch_size], pad_id)
         with torch.inference_mode():
             lp = policy(input_ids=ids, attention_mask=attn).logits[:, :-1]
             lq = ref(input_ids=ids, attention_mask=attn).logits[:, :-1]
@@ -128,8 +131,13 @@ def answer_kl(policy, ref, pairs, pad_id: int, batch_size: int) -> dict[str, flo
 
 
 def generation_settings(cfg) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            seed=cfg.seed, batch_size=cfg.batch_size)
+    return GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+    )
 
 
 # ---------------------------------------------------------------- the evaluation
@@ -155,8 +163,10 @@ def preference_metrics(rows: list[dict], rm: _Scorer, policy_gen, ref_gen, batch
     prompts = [[dict(m) for m in r["prompt"]] for r in rows]
     chosen = [r["chosen"][-1]["content"] for r in rows]
     rejected = [r["rejected"][-1]["content"] for r in rows]
-    out = {"rm_accuracy": eval_stats.preference_accuracy(rm(prompts, chosen), rm(prompts, rejected)),
-           "n_pairs": float(len(rows))}
+    out = {
+        "rm_accuracy": eval_stats.preference_accuracy(rm(prompts, chosen), rm(prompts, rejected)),
+        "n_pairs": float(len(rows)),
+    }
     tok, pad = policy_gen.tokenizer, policy_gen.tokenizer.pad_token_id
     margin = {}
     for side, answers in (("chosen", chosen), ("rejected", rejected)):
@@ -183,9 +193,17 @@ def head_to_head(prompts: list[list[dict]], policy_gen, sft_gen, rm: _Scorer, cf
     metrics["len_ratio"] = metrics["len_policy_mean"] / max(metrics["len_sft_mean"], 1e-9)
     metrics["rm_policy_mean"] = sum(p_score) / len(p_score)
     metrics["rm_sft_mean"] = sum(s_score) / len(s_score)
-    table = [{"prompt": p[-1]["content"], "policy": a, "sft": b, "rm_policy": round(x, 4), "rm_sft": round(y, 4),
-              "outcome": {1: "win", 0: "tie", -1: "loss"}[int(o)]}
-             for p, a, b, x, y, o in zip(prompts, p_text, s_text, p_score, s_score, outcomes)]
+    table = [
+        {
+            "prompt": p[-1]["content"],
+            "policy": a,
+            "sft": b,
+            "rm_policy": round(x, 4),
+            "rm_sft": round(y, 4),
+            "outcome": {1: "win", 0: "tie", -1: "loss"}[int(o)],
+        }
+        for p, a, b, x, y, o in zip(prompts, p_text, s_text, p_score, s_score, outcomes)
+    ]
     return metrics, table
 
 
@@ -193,8 +211,10 @@ def safety_metrics(prompts: list[list[dict]], gen, rm: _Scorer, prefix: str = "s
     """RM score and refusal rate of one model's answers to the red-team prompts."""
     answers = [o.text for o in gen(prompts)]
     scores = rm(prompts, answers)
-    return {f"{prefix}rm_mean": sum(scores) / len(scores),
-            f"{prefix}refusal_rate": eval_stats.refusal_rate(answers)}, answers
+    return {
+        f"{prefix}rm_mean": sum(scores) / len(scores),
+        f"{prefix}refusal_rate": eval_stats.refusal_rate(answers),
+    }, answers
 
 
 def other_champion(recipe, policy_run_id: str | None) -> int | None:
@@ -214,17 +234,18 @@ def other_champion(recipe, policy_run_id: str | None) -> int | None:
 
 def champion_safety(recipe, version: int | None, prompts: list[list[dict]], rm: _Scorer, settings) -> dict[str, float]:
     """The champion (``version`` of ``<recipe>-<promote.model>``) on the same red-team prompts and RM."""
+    import mlflow
+
     from tasks.generation import load_generator
     from tasks.registry import registered_name
-
-    import mlflow
 
     if version is None or not prompts:
         return {}
     name = registered_name(recipe.name, recipe.promote.model)
     folder = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}")
-    metrics, _ = safety_metrics(prompts, load_generator(folder, settings, progress=False), rm,
-                                prefix=CHAMPION_PREFIX + "safety_")
+    metrics, _ = safety_metrics(
+        prompts, load_generator(folder, settings, progress=False), rm, prefix=CHAMPION_PREFIX + "safety_"
+    )
     return {**metrics, CHAMPION_PREFIX + "version": float(version)}
 
 
@@ -254,8 +275,16 @@ def run_evaluation(recipe, dataset_dir: Path, sft, reward, dpo, champion: int | 
         sft_safety, sft_answers = safety_metrics(red_team, ref, rm, prefix="safety_sft_")
         metrics.update(pol_safety | sft_safety | {"safety_n": float(len(red_team))})
         metrics.update(champion_safety(recipe, champion, red_team, rm, settings))
-        safety_rows = [{"prompt": p[-1]["content"], "policy": a, "sft": b, "policy_refuses": eval_stats.is_refusal(a),
-                        "sft_refuses": eval_stats.is_refusal(b)} for p, a, b in zip(red_team, pol_answers, sft_answers)]
+        safety_rows = [
+            {
+                "prompt": p[-1]["content"],
+                "policy": a,
+                "sft": b,
+                "policy_refuses": eval_stats.is_refusal(a),
+                "sft_refuses": eval_stats.is_refusal(b),
+            }
+            for p, a, b in zip(red_team, pol_answers, sft_answers)
+        ]
     h2h, samples = head_to_head(prompts, policy, ref, rm, cfg)
     metrics.update(h2h)
     metrics.update(preference_metrics(rows, rm, policy, ref, cfg.batch_size))
@@ -286,16 +315,22 @@ def publish_artifact(recipe_name: str, metrics: dict) -> None:
         from prefect.artifacts import create_table_artifact
 
         key = re.sub(r"[^a-z0-9-]+", "-", f"{recipe_name}-evaluation".lower())
-        create_table_artifact(metrics_table(metrics), key=key,
-                              description=f"Held-out evaluation of `{recipe_name}`: policy (DPO) vs SFT")
+        create_table_artifact(
+            metrics_table(metrics), key=key, description=f"Held-out evaluation of `{recipe_name}`: policy (DPO) vs SFT"
+        )
 
 
 def evaluation_key(recipe, dataset_dir: Path, sft, reward, dpo, champion: int | None) -> str:
     """What the metrics depend on: the three models (their stage runs), the held-out data, the evaluate
     section, the champion compared against, and this module's code."""
-    payload = {"dataset": Path(dataset_dir).name, "models": [str(r.model_dir) for r in (sft, reward, dpo)],
-               "runs": [r.run_id for r in (sft, reward, dpo)], "evaluate": recipe.evaluate.model_dump(mode="json"),
-               "champion": champion, "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
+    payload = {
+        "dataset": Path(dataset_dir).name,
+        "models": [str(r.model_dir) for r in (sft, reward, dpo)],
+        "runs": [r.run_id for r in (sft, reward, dpo)],
+        "evaluate": recipe.evaluate.model_dump(mode="json"),
+        "champion": champion,
+        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 

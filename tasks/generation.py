@@ -38,8 +38,13 @@ class GenStats:
 
     def as_metrics(self, prefix: str = "gen_") -> dict[str, float]:
         s = max(self.seconds, 1e-9)
-        return {f"{prefix}rows": self.rows, f"{prefix}tokens": self.tokens, f"{prefix}seconds": round(self.seconds, 3),
-                f"{prefix}rows_per_s": round(self.rows / s, 3), f"{prefix}tokens_per_s": round(self.tokens / s, 3)}
+        return {
+            f"{prefix}rows": self.rows,
+            f"{prefix}tokens": self.tokens,
+            f"{prefix}seconds": round(self.seconds, 3),
+            f"{prefix}rows_per_s": round(self.rows / s, 3),
+            f"{prefix}tokens_per_s": round(self.tokens / s, 3),
+        }
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -73,15 +78,21 @@ class HFGenerator:
         from tqdm.auto import tqdm
 
         started = time.perf_counter()
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                 for c in conversations]
+        texts = [
+            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
+        ]
         encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         outputs: list[GenOutput | None] = [None] * len(texts)
         todo = []
         for i, ids in enumerate(encoded):
             if self.context and len(ids) + self.settings.max_new_tokens > self.context:
-                outputs[i] = GenOutput("", False, 0, f"conversation of {len(ids)} tokens + max_new_tokens "
-                                                     f"{self.settings.max_new_tokens} > model context {self.context}")
+                outputs[i] = GenOutput(
+                    "",
+                    False,
+                    0,
+                    f"conversation of {len(ids)} tokens + max_new_tokens "
+                    f"{self.settings.max_new_tokens} > model context {self.context}",
+                )
             else:
                 todo.append(i)
         todo.sort(key=lambda i: (len(encoded[i]), i))  # deterministic; similar lengths share a batch
@@ -90,7 +101,7 @@ class HFGenerator:
         bar.update(len(texts) - len(todo))
         size = self.settings.batch_size
         for start in range(0, len(todo), size):
-            batch = todo[start:start + size]
+            batch = todo[start : start + size]
             for i, out in zip(batch, self._generate([encoded[i] for i in batch])):
                 outputs[i] = out
             bar.update(len(batch))
@@ -107,14 +118,22 @@ class HFGenerator:
         s = self.settings
         enc = self.tokenizer.pad({"input_ids": batch_ids}, return_tensors="pt").to(self.model.device)
         sampling = s.temperature > 0
-        kwargs = {"do_sample": sampling, "temperature": s.temperature, "top_p": s.top_p} if sampling else \
-            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        kwargs = (
+            {"do_sample": sampling, "temperature": s.temperature, "top_p": s.top_p}
+            if sampling
+            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        )
         if s.stop:
             kwargs.update(stop_strings=list(s.stop), tokenizer=self.tokenizer)
         with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=s.max_new_tokens, eos_token_id=self.eos_ids,
-                                      pad_token_id=self.tokenizer.pad_token_id, **kwargs)
-        new = out[:, enc["input_ids"].shape[1]:].tolist()
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=s.max_new_tokens,
+                eos_token_id=self.eos_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **kwargs,
+            )
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
         return [self._decode(ids) for ids in new]
 
     def _decode(self, ids: list[int]) -> GenOutput:
@@ -143,8 +162,13 @@ class VLLMGenerator:
 
         s = self.settings
         started = time.perf_counter()
-        params = SamplingParams(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                stop=list(s.stop) or None, seed=s.seed + 1_000_003 * self.stats.calls)
+        params = SamplingParams(
+            max_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            stop=list(s.stop) or None,
+            seed=s.seed + 1_000_003 * self.stats.calls,
+        )
         results = self.llm.chat(conversations, params, use_tqdm=True)
         outs = []
         for r in results:
@@ -167,12 +191,19 @@ def require_vllm():
     except ImportError:
         raise BackendUnavailable(
             "cai.backend: vllm is requested but the `vllm` package is not installed; "
-            "install it on the GPU host (pip install vllm) or set cai.backend: hf") from None
+            "install it on the GPU host (pip install vllm) or set cai.backend: hf"
+        ) from None
     return vllm
 
 
-def load_generator(model_ref: str, settings: GenerationConfig, backend: str = "hf", chat_template: str = "auto",
-                   progress: bool = True, desc: str = "generate") -> HFGenerator | VLLMGenerator:
+def load_generator(
+    model_ref: str,
+    settings: GenerationConfig,
+    backend: str = "hf",
+    chat_template: str = "auto",
+    progress: bool = True,
+    desc: str = "generate",
+) -> HFGenerator | VLLMGenerator:
     """A generator for the model at ``model_ref`` (folder or hub id): bf16 on a GPU, float32 on CPU."""
     from tasks.models import load_causal_lm, load_tokenizer, resolve_model_ref
 

@@ -50,14 +50,17 @@ def resolve_model_ref(ref: str, key: str = "model") -> str:
             raise ModelRefError(f"{key}: {ref!r} is a folder but holds no config.json (not an HF model folder)")
         return str(path.resolve())
     if ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
-        raise ModelRefError(f"{key}: {ref!r}: no such model folder (give an existing HF folder, a hub id, "
-                            f"or package:<module>)")
+        raise ModelRefError(
+            f"{key}: {ref!r}: no such model folder (give an existing HF folder, a hub id, or package:<module>)"
+        )
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(ref, "config.json"), str):
-            raise ModelRefError(f"{key}: {ref!r}: hub model not in the local cache and HF_HUB_OFFLINE is set "
-                                f"(download it first or name a local folder)")
+            raise ModelRefError(
+                f"{key}: {ref!r}: hub model not in the local cache and HF_HUB_OFFLINE is set "
+                f"(download it first or name a local folder)"
+            )
     return ref
 
 
@@ -97,11 +100,16 @@ def build_tiny_tokenizer(texts: list[str], vocab_size: int, template: str = "cha
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token=PAD_TOKEN,
-                                   additional_special_tokens=specials[1:])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token=PAD_TOKEN, additional_special_tokens=specials[1:]
+    )
     apply_chat_template_style(fast, "chatml" if template == "auto" else template)
     return fast
 
@@ -214,8 +222,10 @@ def cuda_available() -> bool:
 def check_quantization_supported(quantization: str, key: str = "lora.quantization") -> None:
     """QLoRA needs CUDA; bitsandbytes on CPU does not raise by itself, so refuse here in one line."""
     if quantization != "none" and not cuda_available():
-        raise ValueError(f"{key}: {quantization!r} (QLoRA, bitsandbytes) needs a CUDA GPU and none is present; "
-                         f"set quantization: none or run on a GPU host")
+        raise ValueError(
+            f"{key}: {quantization!r} (QLoRA, bitsandbytes) needs a CUDA GPU and none is present; "
+            f"set quantization: none or run on a GPU host"
+        )
 
 
 def quantization_config(lora_cfg):
@@ -228,8 +238,12 @@ def quantization_config(lora_cfg):
 
     if lora_cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
 def peft_config(lora_cfg, task_type: str = "CAUSAL_LM"):
@@ -238,8 +252,13 @@ def peft_config(lora_cfg, task_type: str = "CAUSAL_LM"):
         return None
     from peft import LoraConfig
 
-    return LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout,
-                      target_modules=lora_cfg.target_modules, task_type=task_type)
+    return LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.lora_alpha,
+        lora_dropout=lora_cfg.lora_dropout,
+        target_modules=lora_cfg.target_modules,
+        task_type=task_type,
+    )
 
 
 def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):

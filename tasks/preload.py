@@ -20,6 +20,7 @@ _threads: list[threading.Thread] = []
 def import_in_background(*modules: str) -> None:
     """Start importing ``modules`` in a daemon thread; call :func:`wait_for_background_imports` before
     this process imports or forks again. An import error is raised again by the caller's own import."""
+
     def run() -> None:
         for name in modules:
             try:

@@ -53,15 +53,29 @@ class Decision:
         return out
 
     def to_markdown(self) -> str:
-        verdict = "PASSED — champion moved" if self.action == "promote" else (
-            f"{self.action.upper()}" if self.action != "reject" else f"REJECTED — failing: {', '.join(self.failed)}")
-        lines = [f"# Promotion of `{self.model}` version {self.version}: {verdict}", "",
-                 f"Current champion before this decision: {self.champion_version or 'none'}"
-                 + (f" ({self.champion_source})" if self.champion_source else ""), "",
-                 "| gate | metric | value | op | threshold | pass | note |", "|---|---|---|---|---|---|---|"]
+        verdict = (
+            "PASSED — champion moved"
+            if self.action == "promote"
+            else (
+                f"{self.action.upper()}"
+                if self.action != "reject"
+                else f"REJECTED — failing: {', '.join(self.failed)}"
+            )
+        )
+        lines = [
+            f"# Promotion of `{self.model}` version {self.version}: {verdict}",
+            "",
+            f"Current champion before this decision: {self.champion_version or 'none'}"
+            + (f" ({self.champion_source})" if self.champion_source else ""),
+            "",
+            "| gate | metric | value | op | threshold | pass | note |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for g in self.gates:
-            lines.append(f"| {g.name} | {g.metric} | {_fmt(g.value)} | {g.op} | {_fmt(g.threshold)} | "
-                         f"{'✅' if g.passed else '❌'} | {g.note} |")
+            lines.append(
+                f"| {g.name} | {g.metric} | {_fmt(g.value)} | {g.op} | {_fmt(g.threshold)} | "
+                f"{'✅' if g.passed else '❌'} | {g.note} |"
+            )
         return "\n".join(lines)
 
 
@@ -75,8 +89,9 @@ def _compare(value: float | None, op: str, threshold: float) -> bool:
     return value >= threshold if op == ">=" else value <= threshold
 
 
-def evaluate_gates(config: PromoteConfig, candidate: dict[str, float],
-                   champion: dict[str, float] | None) -> list[GateResult]:
+def evaluate_gates(
+    config: PromoteConfig, candidate: dict[str, float], champion: dict[str, float] | None
+) -> list[GateResult]:
     """Every gate of the recipe on the candidate's metrics (and the champion's, for relative gates).
 
     A metric missing from the candidate fails its gate (a gate is never silently skipped); relative
@@ -85,13 +100,30 @@ def evaluate_gates(config: PromoteConfig, candidate: dict[str, float],
     results: list[GateResult] = []
     if config.require_contract_success:
         value = candidate.get(CONTRACT_METRIC)
-        results.append(GateResult("data_contract", CONTRACT_METRIC, value, ">=", 1.0, _compare(value, ">=", 1.0),
-                                  "" if value is not None else "no contract result recorded for the dataset"))
+        results.append(
+            GateResult(
+                "data_contract",
+                CONTRACT_METRIC,
+                value,
+                ">=",
+                1.0,
+                _compare(value, ">=", 1.0),
+                "" if value is not None else "no contract result recorded for the dataset",
+            )
+        )
     for name, gate in config.gates.items():
         value = candidate.get(gate.metric)
-        results.append(GateResult(name, gate.metric, value, gate.op, gate.threshold,
-                                  _compare(value, gate.op, gate.threshold),
-                                  "" if value is not None else "metric missing from the candidate's evaluation"))
+        results.append(
+            GateResult(
+                name,
+                gate.metric,
+                value,
+                gate.op,
+                gate.threshold,
+                _compare(value, gate.op, gate.threshold),
+                "" if value is not None else "metric missing from the candidate's evaluation",
+            )
+        )
     for name, gate in config.champion_gates.items():
         value = candidate.get(gate.metric)
         if champion is None:
@@ -100,31 +132,50 @@ def evaluate_gates(config: PromoteConfig, candidate: dict[str, float],
         ref = champion.get(gate.metric)
         if ref is None or value is None:
             missing = "champion" if ref is None else "candidate"
-            results.append(GateResult(name, gate.metric, value, gate.op, None, False, f"metric missing for the {missing}"))
+            results.append(
+                GateResult(name, gate.metric, value, gate.op, None, False, f"metric missing for the {missing}")
+            )
             continue
         threshold = ref - gate.tolerance if gate.op == ">=" else ref + gate.tolerance
-        results.append(GateResult(name, gate.metric, value, gate.op, threshold, _compare(value, gate.op, threshold),
-                                  f"champion {ref:.4g}, tolerance {gate.tolerance:g}"))
+        results.append(
+            GateResult(
+                name,
+                gate.metric,
+                value,
+                gate.op,
+                threshold,
+                _compare(value, gate.op, threshold),
+                f"champion {ref:.4g}, tolerance {gate.tolerance:g}",
+            )
+        )
     return results
 
 
-def decide(model: str, version: int, config: PromoteConfig, candidate: dict[str, float],
-           champion: dict[str, float] | None, champion_version: int | None = None,
-           champion_source: str = "") -> Decision:
+def decide(
+    model: str,
+    version: int,
+    config: PromoteConfig,
+    candidate: dict[str, float],
+    champion: dict[str, float] | None,
+    champion_version: int | None = None,
+    champion_source: str = "",
+) -> Decision:
     """The promotion decision: promote only when every gate passes."""
     gates = evaluate_gates(config, candidate, champion)
     passed = all(g.passed for g in gates)
     if champion_version == version:
         return Decision(model, version, passed, gates, champion_version, champion_source, "noop")
-    return Decision(model, version, passed, gates, champion_version, champion_source,
-                    "promote" if passed else "reject")
+    return Decision(
+        model, version, passed, gates, champion_version, champion_source, "promote" if passed else "reject"
+    )
 
 
 HEAD_TO_HEAD_PREFIX = "champion."  # tasks/evaluate.py: the champion measured in the candidate's evaluation
 
 
-def champion_reference(candidate: dict[str, float], champion_version: int | None,
-                       champion_own: dict[str, float], same_dataset: bool) -> tuple[dict[str, float] | None, str]:
+def champion_reference(
+    candidate: dict[str, float], champion_version: int | None, champion_own: dict[str, float], same_dataset: bool
+) -> tuple[dict[str, float] | None, str]:
     """The champion's numbers to compare with, and where they come from.
 
     Preferred: the champion measured inside the candidate's own evaluation (same prompts, same reward
@@ -133,7 +184,7 @@ def champion_reference(candidate: dict[str, float], champion_version: int | None
     """
     if champion_version is None:
         return None, ""
-    h2h = {k[len(HEAD_TO_HEAD_PREFIX):]: v for k, v in candidate.items() if k.startswith(HEAD_TO_HEAD_PREFIX)}
+    h2h = {k[len(HEAD_TO_HEAD_PREFIX) :]: v for k, v in candidate.items() if k.startswith(HEAD_TO_HEAD_PREFIX)}
     if h2h.get("version") == float(champion_version):
         return h2h, f"measured in the candidate's evaluation (same prompts and reward model), v{champion_version}"
     if same_dataset:

@@ -41,8 +41,13 @@ def registered_name(recipe_name: str, stage: str) -> str:
 
 def git_commit(cwd: Path | None = None) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=cwd or Path(__file__).resolve().parents[1])
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=cwd or Path(__file__).resolve().parents[1],
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -53,8 +58,10 @@ def dataset_lineage(dataset_dir: Path) -> dict[str, str]:
     from tasks.promotion import contract_ok
 
     manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text(encoding="utf-8"))
-    return {"dataset_version": str(manifest.get("version", Path(dataset_dir).name)),
-            "contract_success": str(contract_ok(manifest)).lower()}
+    return {
+        "dataset_version": str(manifest.get("version", Path(dataset_dir).name)),
+        "contract_success": str(contract_ok(manifest)).lower(),
+    }
 
 
 # ---------------------------------------------------------------- registration
@@ -64,7 +71,8 @@ def find_version(client: MlflowClient, name: str, flow_run_id: str, stage: str) 
     """The version a flow run already registered for a stage, if any (the idempotency key)."""
     try:
         found = client.search_model_versions(
-            f"name = '{name}' and tag.flow_run_id = '{flow_run_id}' and tag.stage = '{stage}'")
+            f"name = '{name}' and tag.flow_run_id = '{flow_run_id}' and tag.stage = '{stage}'"
+        )
     except MlflowException:  # registered model does not exist yet
         return None
     return min((int(v.version) for v in found), default=None)
@@ -101,8 +109,9 @@ def _metric_tags(metrics: dict) -> dict[str, str]:
     return out
 
 
-def register_stage(client: MlflowClient, name: str, stage: str, model_dir: Path, run_id: str | None,
-                   tags: dict[str, str]) -> tuple[int, bool]:
+def register_stage(
+    client: MlflowClient, name: str, stage: str, model_dir: Path, run_id: str | None, tags: dict[str, str]
+) -> tuple[int, bool]:
     """Register one stage's folder (or find the version this flow run registered). Returns (version, new)."""
     existing = find_version(client, name, tags["flow_run_id"], stage)
     if existing is not None:
@@ -112,28 +121,40 @@ def register_stage(client: MlflowClient, name: str, stage: str, model_dir: Path,
     if same_model:  # a reused stage (unchanged re-run): the model is registered already, one version per model
         return same_model[-1], False
     try:
-        client.create_registered_model(name, description=f"align `{stage}` models of recipe `{tags['recipe_name']}`"
-                                       " (HF folders; load: see README 'Loading the champion')")
+        client.create_registered_model(
+            name,
+            description=f"align `{stage}` models of recipe `{tags['recipe_name']}`"
+            " (HF folders; load: see README 'Loading the champion')",
+        )
     except MlflowException:
         pass  # already exists
-    mv = client.create_model_version(name, source, run_id=source_run, tags={**tags, "stage": stage},
-                                     description=_describe(tags))
+    mv = client.create_model_version(
+        name, source, run_id=source_run, tags={**tags, "stage": stage}, description=_describe(tags)
+    )
     return int(mv.version), True
 
 
 def _describe(tags: dict[str, str]) -> str:
-    shown = ", ".join(f"{k[len(EVAL_PREFIX):]}={v}" for k, v in tags.items() if k.startswith(EVAL_PREFIX))
-    return (f"flow run {tags['flow_run_id']}, dataset {tags['dataset_version']}, recipe hash {tags['recipe_hash']}, "
-            f"git {tags['git_commit'][:10]}. Evaluation: {shown or 'none'}")
+    shown = ", ".join(f"{k[len(EVAL_PREFIX) :]}={v}" for k, v in tags.items() if k.startswith(EVAL_PREFIX))
+    return (
+        f"flow run {tags['flow_run_id']}, dataset {tags['dataset_version']}, recipe hash {tags['recipe_hash']}, "
+        f"git {tags['git_commit'][:10]}. Evaluation: {shown or 'none'}"
+    )
 
 
 def register_models(recipe, results: dict, eval_metrics: dict, dataset_dir: Path, flow_run_id: str) -> dict[str, int]:
     """Register every stage result as ``<recipe>-<stage>``; alias ``candidate`` on each; stage → version."""
     client = MlflowClient()
     lineage = dataset_lineage(dataset_dir)
-    common = {"flow_run_id": str(flow_run_id), "recipe_name": recipe.name, "recipe_hash": recipe.recipe_hash(),
-              "git_commit": git_commit(), **lineage,
-              "promote_gates": recipe.promote.model_dump_json(), **_metric_tags(eval_metrics)}
+    common = {
+        "flow_run_id": str(flow_run_id),
+        "recipe_name": recipe.name,
+        "recipe_hash": recipe.recipe_hash(),
+        "git_commit": git_commit(),
+        **lineage,
+        "promote_gates": recipe.promote.model_dump_json(),
+        **_metric_tags(eval_metrics),
+    }
     versions = {}
     for stage, result in results.items():
         name = registered_name(recipe.name, stage)
@@ -161,7 +182,7 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> int | None:
 
 def version_metrics(mv) -> dict[str, float]:
     """The ``eval.*`` tags of a version as floats, plus ``contract_success`` (1.0 / 0.0)."""
-    out = {k[len(EVAL_PREFIX):]: float(v) for k, v in mv.tags.items() if k.startswith(EVAL_PREFIX)}
+    out = {k[len(EVAL_PREFIX) :]: float(v) for k, v in mv.tags.items() if k.startswith(EVAL_PREFIX)}
     if "contract_success" in mv.tags:
         out["contract_success"] = 1.0 if mv.tags["contract_success"] == "true" else 0.0
     return out
@@ -189,8 +210,9 @@ def rollback_champion(client: MlflowClient, name: str) -> tuple[int, int]:
     history = champion_history(client, name)
     current = alias_version(client, name, CHAMPION)
     if len(history) < 2 or current is None:
-        raise ValueError(f"{name}: no previous champion to roll back to (champion history: {history}); "
-                         f"promote a version first")
+        raise ValueError(
+            f"{name}: no previous champion to roll back to (champion history: {history}); promote a version first"
+        )
     history.pop()
     previous = history[-1]
     client.set_registered_model_alias(name, CHAMPION, str(previous))
@@ -208,9 +230,18 @@ def record_decision(client: MlflowClient, name: str, decision: dict) -> None:
     gates = {g["name"]: {k: g[k] for k in ("metric", "value", "op", "threshold", "passed")} for g in decision["gates"]}
     client.set_model_version_tag(name, version, "promotion.gates", json.dumps(gates)[:4900])
     mv = client.get_model_version(name, version)
-    verdict = "PASSED, champion" if decision["action"] == "promote" else (
-        f"REJECTED (failing: {', '.join(decision['failed'])})" if decision["action"] == "reject" else decision["action"])
-    client.update_model_version(name, version, description=f"{mv.description or ''}\nPromotion {_now()}: {verdict}".strip())
+    verdict = (
+        "PASSED, champion"
+        if decision["action"] == "promote"
+        else (
+            f"REJECTED (failing: {', '.join(decision['failed'])})"
+            if decision["action"] == "reject"
+            else decision["action"]
+        )
+    )
+    client.update_model_version(
+        name, version, description=f"{mv.description or ''}\nPromotion {_now()}: {verdict}".strip()
+    )
     run_id = mv.run_id
     if run_id:
         client.log_dict(run_id, decision, f"promotion/{name}-v{version}-{int(time.time())}.json")
@@ -241,14 +272,24 @@ def promote_version(name: str, version: int | None, config=None) -> dict:
     candidate = version_metrics(mv)
     champion_version = alias_version(client, name, CHAMPION)
     if champion_version == int(version):  # an unchanged re-run: nothing new to judge, history untouched
-        return {"model": name, "version": int(version), "action": "keep", "passed": True, "failed": [],
-                "champion_history": champion_history(client, name),
-                "markdown": f"# `{name}` v{version} is already the champion: no decision needed"}
+        return {
+            "model": name,
+            "version": int(version),
+            "action": "keep",
+            "passed": True,
+            "failed": [],
+            "champion_history": champion_history(client, name),
+            "markdown": f"# `{name}` v{version} is already the champion: no decision needed",
+        }
     champion, source = None, ""
     if champion_version is not None:
         cmv = version_info(client, name, champion_version)
-        champion, source = champion_reference(candidate, champion_version, version_metrics(cmv),
-                                              cmv.tags.get("dataset_version") == mv.tags.get("dataset_version"))
+        champion, source = champion_reference(
+            candidate,
+            champion_version,
+            version_metrics(cmv),
+            cmv.tags.get("dataset_version") == mv.tags.get("dataset_version"),
+        )
     decision = decide(name, int(version), config, candidate, champion, champion_version, source)
     record = decision.to_dict()
     if decision.action == "promote":
@@ -262,10 +303,18 @@ def rollback(name: str) -> dict:
     client = MlflowClient()
     current, previous = rollback_champion(client, name)
     history = champion_history(client, name)
-    markdown = (f"# Rollback of `{name}`: champion v{current} → v{previous}\n\n"
-                f"Champion history now: {history} (v{current} tagged `promotion.rolled_back_at`).")
-    return {"model": name, "action": "rollback", "from_version": current, "version": previous,
-            "champion_history": history, "markdown": markdown}
+    markdown = (
+        f"# Rollback of `{name}`: champion v{current} → v{previous}\n\n"
+        f"Champion history now: {history} (v{current} tagged `promotion.rolled_back_at`)."
+    )
+    return {
+        "model": name,
+        "action": "rollback",
+        "from_version": current,
+        "version": previous,
+        "champion_history": history,
+        "markdown": markdown,
+    }
 
 
 def _io_error(task, task_run, state) -> bool:
@@ -284,8 +333,14 @@ def _register_task():
     from prefect.cache_policies import NO_CACHE
 
     # Safe to retry: registration is idempotent on (flow run id, stage).
-    return task(register_models, name="register", retries=2, retry_delay_seconds=5,
-                retry_condition_fn=_io_error, cache_policy=NO_CACHE)
+    return task(
+        register_models,
+        name="register",
+        retries=2,
+        retry_delay_seconds=5,
+        retry_condition_fn=_io_error,
+        cache_policy=NO_CACHE,
+    )
 
 
 register_stage_task = _register_task()

@@ -34,9 +34,12 @@ def score(model_dir: Path | str, conversations: list[list[dict]], batch_size: in
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[float] = []
     for i in range(0, len(conversations), batch_size):
-        ids = [tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in conv],
-                                             tokenize=True, return_dict=True)["input_ids"][-limit:]
-               for conv in conversations[i:i + batch_size]]
+        ids = [
+            tokenizer.apply_chat_template(
+                [{"role": m["role"], "content": m["content"]} for m in conv], tokenize=True, return_dict=True
+            )["input_ids"][-limit:]
+            for conv in conversations[i : i + batch_size]
+        ]
         width = max(len(x) for x in ids)
         input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids])
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
@@ -61,10 +64,17 @@ def heldout_metrics(model_dir: Path, base: str, dataset_dir: Path) -> dict:
     }
 
 
-def train_reward(recipe, dataset_dir: Path, base_model: Path | None = None, output_root: Path | None = None,
-                 extra_train: Sequence[Path] = (), callbacks: Sequence = ()) -> StageResult:
-    return run_stage("reward", recipe, dataset_dir, base_model, output_root, extra_train, callbacks,
-                     evaluate=heldout_metrics)
+def train_reward(
+    recipe,
+    dataset_dir: Path,
+    base_model: Path | None = None,
+    output_root: Path | None = None,
+    extra_train: Sequence[Path] = (),
+    callbacks: Sequence = (),
+) -> StageResult:
+    return run_stage(
+        "reward", recipe, dataset_dir, base_model, output_root, extra_train, callbacks, evaluate=heldout_metrics
+    )
 
 
 reward_stage = task(train_reward, name="reward", cache_policy=NO_CACHE)

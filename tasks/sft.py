@@ -17,8 +17,14 @@ from tasks.training import StageResult, run_stage
 __all__ = ["StageResult", "sft_stage", "train_sft"]
 
 
-def train_sft(recipe, dataset_dir: Path, base_model: Path | None = None, output_root: Path | None = None,
-              extra_train: Sequence[Path] = (), callbacks: Sequence = ()) -> StageResult:
+def train_sft(
+    recipe,
+    dataset_dir: Path,
+    base_model: Path | None = None,
+    output_root: Path | None = None,
+    extra_train: Sequence[Path] = (),
+    callbacks: Sequence = (),
+) -> StageResult:
     """Pure entry (no Prefect): metrics include train_loss_first/last/min and eval_loss_min."""
     return run_stage("sft", recipe, dataset_dir, base_model, output_root, extra_train, callbacks)
 

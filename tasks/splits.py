@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -29,8 +28,8 @@ from prefect.cache_policies import NO_CACHE
 from schemas.preference import PREFERENCE_SCHEMA, QUARANTINE_SCHEMA, SCHEMA_VERSION
 from schemas.recipe import Recipe
 from tasks.clean import clean_rows, read_eval_prompts
-from tasks.sources.readers import file_sha256
 from tasks.preload import import_in_background
+from tasks.sources.readers import file_sha256
 
 SPLIT_FILES = ("train", "test", "quarantine")
 
@@ -49,9 +48,12 @@ def holdout_mask(prompt_hashes: pa.ChunkedArray | pa.Array, test_fraction: float
     # straddle train and test; hashing the prompt key is the standard leak-free split.
     cut = int(test_fraction * 2**64)
     return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(salt + h.encode(), digest_size=8).digest(), "big") < cut
-         for h in prompt_hashes.to_pylist()),
-        dtype=bool, count=len(prompt_hashes),
+        (
+            int.from_bytes(hashlib.blake2b(salt + h.encode(), digest_size=8).digest(), "big") < cut
+            for h in prompt_hashes.to_pylist()
+        ),
+        dtype=bool,
+        count=len(prompt_hashes),
     )
 
 
@@ -95,8 +97,12 @@ def reconciliation(results, train: pa.Table, test: pa.Table, quarantine: pa.Tabl
     """Per source: rows read, accepted (train + test) and quarantined (by any stage)."""
     acc = counts_by(pa.concat_tables([train.select(["source"]), test.select(["source"])]), "source")
     qua = counts_by(quarantine.select(["source"]), "source")
-    return {"per_source": {r.source: {"read": r.rows_read, "accepted": acc.get(r.source, 0),
-                                      "quarantined": qua.get(r.source, 0)} for r in results}}
+    return {
+        "per_source": {
+            r.source: {"read": r.rows_read, "accepted": acc.get(r.source, 0), "quarantined": qua.get(r.source, 0)}
+            for r in results
+        }
+    }
 
 
 def publish(tmp: Path, final: Path) -> bool:
@@ -127,8 +133,10 @@ def build_dataset(recipe: Recipe, output_dir: Path | None = None, tokenizer=None
     # The contract step's Great Expectations import (2-3 s) runs while workers parse the last source:
     # not an earlier one, as the next source's workers could not fork until the import is done.
     last = len(recipe.sources) - 1
-    results = [read_source(cfg, seed=recipe.data.seed, while_parsing=_import_contract_modules if k == last else None)
-               for k, cfg in enumerate(recipe.sources)]
+    results = [
+        read_source(cfg, seed=recipe.data.seed, while_parsing=_import_contract_modules if k == last else None)
+        for k, cfg in enumerate(recipe.sources)
+    ]
     version = dataset_version(recipe, [r.input for r in results])
     if found := existing_version(output_dir, version):
         return found
@@ -145,14 +153,23 @@ def build_dataset(recipe: Recipe, output_dir: Path | None = None, tokenizer=None
     manifest = {
         "version": version,
         "schema_version": SCHEMA_VERSION,
-        "recipe": {"name": recipe.name, "sources": [s.model_dump(mode="json") for s in recipe.sources],
-                   "data": recipe.data.model_dump(mode="json")},
+        "recipe": {
+            "name": recipe.name,
+            "sources": [s.model_dump(mode="json") for s in recipe.sources],
+            "data": recipe.data.model_dump(mode="json"),
+        },
         "inputs": [r.input for r in results],
-        "counts": {"train": train.num_rows, "test": test.num_rows, "quarantine": quarantine.num_rows,
-                   **reconciliation(results, train, test, quarantine),
-                   "per_split_source": {"train": counts_by(train.select(["source"]), "source"),
-                                        "test": counts_by(test.select(["source"]), "source")},
-                   "quarantine_reasons": counts_by(quarantine.select(["source", "reason"]), "source", "reason")},
+        "counts": {
+            "train": train.num_rows,
+            "test": test.num_rows,
+            "quarantine": quarantine.num_rows,
+            **reconciliation(results, train, test, quarantine),
+            "per_split_source": {
+                "train": counts_by(train.select(["source"]), "source"),
+                "test": counts_by(test.select(["source"]), "source"),
+            },
+            "quarantine_reasons": counts_by(quarantine.select(["source", "reason"]), "source", "reason"),
+        },
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=output_dir))
@@ -170,8 +187,9 @@ def build_dataset(recipe: Recipe, output_dir: Path | None = None, tokenizer=None
 
 
 def _import_contract_modules() -> None:
-    import_in_background("great_expectations", "great_expectations.expectations",
-                         "great_expectations.data_context.types.base")
+    import_in_background(
+        "great_expectations", "great_expectations.expectations", "great_expectations.data_context.types.base"
+    )
 
 
 def write_version(tmp: Path, recipe: Recipe, manifest: dict, tables: dict[str, pa.Table]) -> None:
@@ -179,9 +197,15 @@ def write_version(tmp: Path, recipe: Recipe, manifest: dict, tables: dict[str, p
     (quarantine, manifest, Data Docs) to <output_dir>/failed/<version>/ and raises ContractBreach."""
     from tasks.contracts import run_contract
 
-    contract = run_contract(tables["train"], tables["test"], tables["quarantine"],
-                            {"per_source": manifest["counts"]["per_source"]}, recipe.data.contract,
-                            tmp / "data_docs", contract_params(recipe))
+    contract = run_contract(
+        tables["train"],
+        tables["test"],
+        tables["quarantine"],
+        {"per_source": manifest["counts"]["per_source"]},
+        recipe.data.contract,
+        tmp / "data_docs",
+        contract_params(recipe),
+    )
     manifest["contract"] = contract.summary
     if not contract.success:
         failed = tmp.parent / "failed" / manifest["version"]
@@ -194,8 +218,10 @@ def write_version(tmp: Path, recipe: Recipe, manifest: dict, tables: dict[str, p
     manifest["files"] = {}
     for name in SPLIT_FILES:
         write_parquet(tables[name], tmp / f"{name}.parquet")
-        manifest["files"][f"{name}.parquet"] = {"sha256": file_sha256(tmp / f"{name}.parquet"),
-                                                "rows": tables[name].num_rows}
+        manifest["files"][f"{name}.parquet"] = {
+            "sha256": file_sha256(tmp / f"{name}.parquet"),
+            "rows": tables[name].num_rows,
+        }
 
 
 def contract_params(recipe: Recipe) -> dict:
@@ -224,8 +250,13 @@ def is_transient_io_error(task, task_run, state) -> bool:
     return False
 
 
-@task(name="build-dataset", retries=2, retry_delay_seconds=5, retry_condition_fn=is_transient_io_error,
-      cache_policy=NO_CACHE)  # the content-addressed version directory is the cache (reused when it exists)
+@task(
+    name="build-dataset",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=is_transient_io_error,
+    cache_policy=NO_CACHE,
+)  # the content-addressed version directory is the cache (reused when it exists)
 def build_dataset_task(recipe: Recipe, output_dir: str | Path | None = None) -> DatasetVersion:
     return build_dataset(recipe, Path(output_dir) if output_dir else None)
 
@@ -238,10 +269,15 @@ def publish_dataset_report(dataset: DatasetVersion) -> None:
     from tasks.contracts import publish_summary_artifact
 
     m = dataset.manifest
-    lines = [f"# Dataset `{m['version']}`{' (reused)' if dataset.reused else ''}", "",
-             f"`{dataset.path}` · train {m['counts']['train']} · test {m['counts']['test']} · "
-             f"quarantine {m['counts']['quarantine']}", "",
-             "| source | read | accepted | quarantined | reasons |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Dataset `{m['version']}`{' (reused)' if dataset.reused else ''}",
+        "",
+        f"`{dataset.path}` · train {m['counts']['train']} · test {m['counts']['test']} · "
+        f"quarantine {m['counts']['quarantine']}",
+        "",
+        "| source | read | accepted | quarantined | reasons |",
+        "|---|---|---|---|---|",
+    ]
     for src, c in m["counts"]["per_source"].items():
         reasons = ", ".join(f"{k}: {v}" for k, v in m["counts"]["quarantine_reasons"].get(src, {}).items())
         lines.append(f"| {src} | {c['read']} | {c['accepted']} | {c['quarantined']} | {reasons or '-'} |")

@@ -42,8 +42,11 @@ class MlflowMetricsCallback(TrainerCallback):
         if not logs or not state.is_world_process_zero or self.run_id is None:
             return
         now = int(time.time() * 1000)
-        self.buffer.extend(Metric(metric_name(k), float(v), now, state.global_step) for k, v in logs.items()
-                           if isinstance(v, (int, float)) and not isinstance(v, bool))
+        self.buffer.extend(
+            Metric(metric_name(k), float(v), now, state.global_step)
+            for k, v in logs.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        )
         if time.monotonic() - self.last > self.flush_s:
             self._submit()
 
@@ -73,4 +76,4 @@ def _log_metrics(run_id: str, metrics: list) -> None:
 
     client = mlflow.MlflowClient()
     for i in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics
-        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])

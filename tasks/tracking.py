@@ -38,7 +38,7 @@ def tracking_uri(recipe=None) -> str:
 def _artifact_root(uri: str) -> str | None:
     """With a sqlite backend MLflow writes artifacts to ./mlruns of the cwd; put them beside the DB instead."""
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         return (db.parent / "mlartifacts").resolve().as_uri()
     return None
 
@@ -72,8 +72,12 @@ def flatten(obj, prefix: str = "") -> dict[str, str]:
 
 def git_sha() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -98,8 +102,9 @@ def log_dataset_inputs(recipe, dataset_dir: Path, splits=("train", "test"), extr
             continue
         # The id/provenance columns only: ids are content hashes, so they pin the rows without copying them.
         df = pq.read_table(path, columns=["id", "source", "source_row", "prompt_hash"]).to_pandas()
-        ds = mlflow.data.from_pandas(df, source=str(path.resolve()), name=f"{recipe.name}/{version}/{split}",
-                                     digest=f"{version}-{split}"[:36])
+        ds = mlflow.data.from_pandas(
+            df, source=str(path.resolve()), name=f"{recipe.name}/{version}/{split}", digest=f"{version}-{split}"[:36]
+        )
         mlflow.log_input(ds, context="training" if split != "test" else "eval")
     manifest = dataset_dir / "manifest.json"
     if manifest.is_file():
@@ -132,8 +137,7 @@ def start_pipeline_run(recipe, dataset_dir: Path | None = None, run_name: str | 
 
 
 @contextlib.contextmanager
-def stage_run(name: str, recipe, dataset_dir: Path | None = None, params: dict | None = None,
-              extra: list[Path] = ()):
+def stage_run(name: str, recipe, dataset_dir: Path | None = None, params: dict | None = None, extra: list[Path] = ()):
     """A stage's run: nested under the active pipeline run, or top-level when the stage runs alone."""
     import mlflow
 
@@ -194,8 +198,13 @@ def log_curves(history: list[dict], plots: dict[str, list[str]]) -> list[str]:
 def log_summary(metrics: dict) -> None:
     import mlflow
 
-    mlflow.log_metrics({metric_name(k): float(v) for k, v in metrics.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    mlflow.log_metrics(
+        {
+            metric_name(k): float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+    )
 
 
 def log_model_folder(model_dir: Path, artifact_path: str = "model") -> None:

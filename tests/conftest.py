@@ -10,20 +10,22 @@ from pathlib import Path
 import pytest
 
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="align-tests-"))
-os.environ.update({
-    "PREFECT_HOME": str(_SESSION_TMP / "prefect"),
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    # The temporary server a flow call starts needs > 20 s (the default) when both cores are busy.
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "MLFLOW_TRACKING_URI": f"sqlite:///{_SESSION_TMP / 'mlflow.db'}",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HOME": str(_SESSION_TMP / "hf"),
-    "TOKENIZERS_PARALLELISM": "false",
-    "DO_NOT_TRACK": "1",
-})
+os.environ.update(
+    {
+        "PREFECT_HOME": str(_SESSION_TMP / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The temporary server a flow call starts needs > 20 s (the default) when both cores are busy.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{_SESSION_TMP / 'mlflow.db'}",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(_SESSION_TMP / "hf"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "DO_NOT_TRACK": "1",
+    }
+)
 os.environ.pop("PREFECT_API_URL", None)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -38,13 +38,25 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
 
     texts = ["What is 2 plus 2?", "2 plus 2 is 4.", "The capital of Italy is Rome.", "I cannot help."] * 25
     tok = build_tiny_tokenizer(texts, vocab_size=300)
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-                               eos_token_id=tok.eos_token_id, bos_token_id=None)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
     out = {}
-    for stage, cls in (("sft", AutoModelForCausalLM), ("dpo", AutoModelForCausalLM),
-                       ("reward", AutoModelForSequenceClassification)):
+    for stage, cls in (
+        ("sft", AutoModelForCausalLM),
+        ("dpo", AutoModelForCausalLM),
+        ("reward", AutoModelForSequenceClassification),
+    ):
         torch.manual_seed(len(stage))
         if stage == "reward":
             cfg.num_labels = 1

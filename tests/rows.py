@@ -11,12 +11,22 @@ def msg(role: str, content: str) -> dict:
     return {"role": role, "content": content}
 
 
-def row(prompt: str | list[dict], chosen: str, rejected: str, source: str = "s", source_row: int = 0, **scores) -> dict:
+def row(
+    prompt: str | list[dict], chosen: str, rejected: str, source: str = "s", source_row: int = 0, **scores
+) -> dict:
     p = [msg("user", prompt)] if isinstance(prompt, str) else prompt
     c, r = [msg("assistant", chosen)], [msg("assistant", rejected)]
-    return {"id": content_id(p, c, r), "source": source, "source_row": source_row, "prompt": p, "chosen": c,
-            "rejected": r, "score_chosen": scores.get("score_chosen"), "score_rejected": scores.get("score_rejected"),
-            "prompt_hash": prompt_hash(p)}
+    return {
+        "id": content_id(p, c, r),
+        "source": source,
+        "source_row": source_row,
+        "prompt": p,
+        "chosen": c,
+        "rejected": r,
+        "score_chosen": scores.get("score_chosen"),
+        "score_rejected": scores.get("score_rejected"),
+        "prompt_hash": prompt_hash(p),
+    }
 
 
 def table(rows: list[dict]) -> pa.Table:

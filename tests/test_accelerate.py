@@ -38,17 +38,23 @@ def test_unknown_accelerate_config_names_the_shipped_ones():
 def test_shipped_accelerate_configs_load_as_accelerate_cluster_configs(path):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    cfg = load_config_from_file(str(path))   # what `accelerate launch --config_file` does
+    cfg = load_config_from_file(str(path))  # what `accelerate launch --config_file` does
     assert cfg.num_processes >= 2 and cfg.distributed_type.value in ("MULTI_GPU", "FSDP", "DEEPSPEED")
 
 
 def test_accelerate_command_on_cpu_uses_torchrun_with_gloo():
-    cmd, env = dispatch.accelerate_command(dispatch.Plan("accelerate", num_processes=2), ["--stage", "sft"], cuda=False)
+    cmd, env = dispatch.accelerate_command(
+        dispatch.Plan("accelerate", num_processes=2), ["--stage", "sft"], cuda=False
+    )
     assert "--multi_gpu" in cmd and env["ACCELERATE_USE_CPU"] == "true"
     fsdp = dispatch.resolve_accelerate_config("fsdp")
-    cmd, _ = dispatch.accelerate_command(dispatch.Plan("accelerate", num_processes=2, accelerate_config=fsdp), [], cuda=False)
+    cmd, _ = dispatch.accelerate_command(
+        dispatch.Plan("accelerate", num_processes=2, accelerate_config=fsdp), [], cuda=False
+    )
     assert "--config_file" not in cmd and "--multi_gpu" in cmd  # FSDP needs GPUs: DDP/gloo on CPU
-    cmd, _ = dispatch.accelerate_command(dispatch.Plan("accelerate", num_processes=8, accelerate_config=fsdp), [], cuda=True)
+    cmd, _ = dispatch.accelerate_command(
+        dispatch.Plan("accelerate", num_processes=8, accelerate_config=fsdp), [], cuda=True
+    )
     assert cmd[cmd.index("--config_file") + 1] == fsdp and "--multi_gpu" not in cmd
 
 
@@ -64,13 +70,18 @@ def test_encode_decode_round_trips_stage_results_and_paths(tmp_path):
 def test_sft_under_accelerate_launch_trains_on_two_cpu_processes(tiny_recipe, tiny_dataset, tmp_path):
     recipe = tiny_recipe.model_copy(deep=True)
     recipe.compute = ComputeConfig(num_processes=2, accelerate_config="ddp")
-    recipe.sft.args = {**recipe.sft.args, "max_steps": 6, "eval_strategy": "no", "save_steps": 3,
-                       "per_device_train_batch_size": 4}
+    recipe.sft.args = {
+        **recipe.sft.args,
+        "max_steps": 6,
+        "eval_strategy": "no",
+        "save_steps": 3,
+        "per_device_train_batch_size": 4,
+    }
 
     result = dispatch.run_stage("sft", recipe, tiny_dataset, None, tmp_path)
 
     assert not result.reused and (result.model_dir / "config.json").is_file()
-    assert result.metrics["world_size"] == 2          # torch.distributed (gloo) was initialised with 2 ranks
+    assert result.metrics["world_size"] == 2  # torch.distributed (gloo) was initialised with 2 ranks
     assert result.metrics["global_step"] == 6
     # The same content key in one process: the folder trained under accelerate is reused, not retrained.
     recipe.compute = ComputeConfig()

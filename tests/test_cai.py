@@ -13,17 +13,36 @@ from schemas.cai_config import GenerationConfig, MixSpec
 from schemas.constitution import load_constitution, parse_constitution
 from schemas.preference import PREFERENCE_SCHEMA, QUARANTINE_SCHEMA, Reason, prompt_hash
 from schemas.recipe import load_recipe
-from tasks.cai import (CAIPrompt, build_tables, critique_and_revise, examples_markdown, mix_rows, quarantine_reason,
-                       run_cai, sample_principles, select_prompts, held_out_prompt_hashes)
+from tasks.cai import (
+    CAIPrompt,
+    build_tables,
+    critique_and_revise,
+    examples_markdown,
+    held_out_prompt_hashes,
+    mix_rows,
+    quarantine_reason,
+    run_cai,
+    sample_principles,
+    select_prompts,
+)
 from tasks.generation import BackendUnavailable, GenOutput, cut_at_stop, require_vllm
 
 TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 
-CONSTITUTION = parse_constitution({
-    "name": "t", "principles": [{"id": f"p{i}", "critique": f"Critique rule number {i} of the assistant answer",
-                                 "revision": f"Rewrite the answer to follow rule number {i} without fail"}
-                                for i in range(3)],
-    "few_shot": [{"messages": [{"role": "user", "content": "ex q"}, {"role": "assistant", "content": "ex a"}]}]})
+CONSTITUTION = parse_constitution(
+    {
+        "name": "t",
+        "principles": [
+            {
+                "id": f"p{i}",
+                "critique": f"Critique rule number {i} of the assistant answer",
+                "revision": f"Rewrite the answer to follow rule number {i} without fail",
+            }
+            for i in range(3)
+        ],
+        "few_shot": [{"messages": [{"role": "user", "content": "ex q"}, {"role": "assistant", "content": "ex a"}]}],
+    }
+)
 
 
 def prompt(i: int, text: str | None = None) -> CAIPrompt:
@@ -72,28 +91,51 @@ def test_critique_and_revise_conversation_grows_with_few_shot_first():
     samples, fake = run_fake(2)
     assert [len(c) for c in fake.calls] == [2, 2, 2]
     last = fake.calls[2][1]
-    assert last == [{"role": "user", "content": "ex q"}, {"role": "assistant", "content": "ex a"},
-                    {"role": "user", "content": "question 1?"}, {"role": "assistant", "content": "initial answer 1"},
-                    {"role": "user", "content": CONSTITUTION.principles[1].critique},
-                    {"role": "assistant", "content": "critique answer 1"},
-                    {"role": "user", "content": CONSTITUTION.principles[1].revision}]
+    assert last == [
+        {"role": "user", "content": "ex q"},
+        {"role": "assistant", "content": "ex a"},
+        {"role": "user", "content": "question 1?"},
+        {"role": "assistant", "content": "initial answer 1"},
+        {"role": "user", "content": CONSTITUTION.principles[1].critique},
+        {"role": "assistant", "content": "critique answer 1"},
+        {"role": "user", "content": CONSTITUTION.principles[1].revision},
+    ]
     assert samples[1].revision.text == "revision answer 1" and samples[1].principle.id == "p1"
 
 
-@pytest.mark.parametrize(("script", "reason", "detail"), [
-    ({("initial", 0): GenOutput("   ", False, 1)}, Reason.EMPTY_TURN, "initial: the generated text is empty"),
-    ({("revision", 0): GenOutput("", False, 0)}, Reason.EMPTY_TURN, "revision: the generated text is empty"),
-    ({("revision", 0): GenOutput("cut off mid", True, 16)}, Reason.TRUNCATED, "revision: hit max_new_tokens"),
-    ({("initial", 0): GenOutput("cut off mid", True, 16)}, Reason.TRUNCATED, "initial: hit max_new_tokens"),
-    ({("initial", 0): GenOutput("Same Text.", False, 2), ("revision", 0): GenOutput("same   text.", False, 2)},
-     Reason.UNREVISED, "identical to the initial"),
-    ({("revision", 0): GenOutput("Sure. Rewrite the answer to follow rule number 0 without fail.", False, 9)},
-     Reason.ECHOED_INSTRUCTIONS, "repeats the revision request"),
-    ({("revision", 0): GenOutput("critique rule number 0 of the assistant answer: done", False, 9)},
-     Reason.ECHOED_INSTRUCTIONS, "repeats the critique request"),
-    ({("initial", 0): GenOutput("", False, 0, "conversation of 2000 tokens + max_new_tokens 16 > model context "
-                                              "1024")}, Reason.TOO_LONG, "initial: conversation of 2000"),
-])
+@pytest.mark.parametrize(
+    ("script", "reason", "detail"),
+    [
+        ({("initial", 0): GenOutput("   ", False, 1)}, Reason.EMPTY_TURN, "initial: the generated text is empty"),
+        ({("revision", 0): GenOutput("", False, 0)}, Reason.EMPTY_TURN, "revision: the generated text is empty"),
+        ({("revision", 0): GenOutput("cut off mid", True, 16)}, Reason.TRUNCATED, "revision: hit max_new_tokens"),
+        ({("initial", 0): GenOutput("cut off mid", True, 16)}, Reason.TRUNCATED, "initial: hit max_new_tokens"),
+        (
+            {("initial", 0): GenOutput("Same Text.", False, 2), ("revision", 0): GenOutput("same   text.", False, 2)},
+            Reason.UNREVISED,
+            "identical to the initial",
+        ),
+        (
+            {("revision", 0): GenOutput("Sure. Rewrite the answer to follow rule number 0 without fail.", False, 9)},
+            Reason.ECHOED_INSTRUCTIONS,
+            "repeats the revision request",
+        ),
+        (
+            {("revision", 0): GenOutput("critique rule number 0 of the assistant answer: done", False, 9)},
+            Reason.ECHOED_INSTRUCTIONS,
+            "repeats the critique request",
+        ),
+        (
+            {
+                ("initial", 0): GenOutput(
+                    "", False, 0, "conversation of 2000 tokens + max_new_tokens 16 > model context 1024"
+                )
+            },
+            Reason.TOO_LONG,
+            "initial: conversation of 2000",
+        ),
+    ],
+)
 def test_quarantine_reason_crafted_generation_fires(script, reason, detail):
     samples, _ = run_fake(2, script)
     got = quarantine_reason(samples[0])
@@ -129,8 +171,13 @@ def test_select_prompts_dedupes_excludes_test_and_limits():
     ps = [prompt(0, "Hi there"), prompt(1, "hi   THERE"), prompt(2, "secret test"), prompt(3, "a"), prompt(4, "b")]
     kept, counts = select_prompts(ps, {ps[2].prompt_hash}, limit=2)
     assert [p.source_row for p in kept] == [0, 3]
-    assert counts == {"prompts_read": 5, "prompts_duplicate": 1, "prompts_in_test": 1, "prompts_over_limit": 1,
-                      "prompts_used": 2}
+    assert counts == {
+        "prompts_read": 5,
+        "prompts_duplicate": 1,
+        "prompts_in_test": 1,
+        "prompts_over_limit": 1,
+        "prompts_used": 2,
+    }
 
 
 def test_mix_rows_weight_and_cap_select_seeded_subset():
@@ -155,10 +202,20 @@ def test_require_vllm_not_installed_names_fix():
 
 def cai_recipe(tiny_recipe_path, **generation):
     gen = {"max_new_tokens": 16, "batch_size": 4, "temperature": 0.7, "seed": 3, "stop": [" "], **generation}
-    return load_recipe(tiny_recipe_path, overrides={"cai": {
-        "prompts": [{"name": "demo/red-team", "format": "prompts", "path": "examples/data/red_team.txt"},
-                    {"name": "demo/hh-rlhf", "format": "hh-rlhf", "path": "examples/data/hh-rlhf.jsonl"}],
-        "limit": 6, "few_shot": 1, "generation": gen}})
+    return load_recipe(
+        tiny_recipe_path,
+        overrides={
+            "cai": {
+                "prompts": [
+                    {"name": "demo/red-team", "format": "prompts", "path": "examples/data/red_team.txt"},
+                    {"name": "demo/hh-rlhf", "format": "hh-rlhf", "path": "examples/data/hh-rlhf.jsonl"},
+                ],
+                "limit": 6,
+                "few_shot": 1,
+                "generation": gen,
+            }
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +246,10 @@ def test_run_cai_fake_generator_writes_contracted_outputs(tiny_dataset, tmp_path
     assert not set(pairs["prompt_hash"].to_pylist()) & held_out_prompt_hashes(ds)
     manifest = json.loads(result.files["manifest"].read_text())
     assert manifest["contract"]["success"] or all(
-        f["table"] == "splits" for f in manifest["contract"]["expectations"] if not f["success"]
-        and f["severity"] == "critical")
+        f["table"] == "splits"
+        for f in manifest["contract"]["expectations"]
+        if not f["success"] and f["severity"] == "critical"
+    )
     assert pq.read_table(result.mix["reward"]).num_rows == 6 and result.run_id
 
 
@@ -221,8 +280,10 @@ def test_critique_and_revise_tiny_model_same_seed_same_outputs(tiny_model):
     def once():
         principles = sample_principles(c, 4, "random", 11)
         gen = load_generator(str(tiny_model), settings, progress=False)
-        return [(s.principle.id, s.initial, s.critique, s.revision)
-                for s in critique_and_revise(prompts, principles, [], gen)]
+        return [
+            (s.principle.id, s.initial, s.critique, s.revision)
+            for s in critique_and_revise(prompts, principles, [], gen)
+        ]
 
     first = once()
     assert first == once()

@@ -14,7 +14,9 @@ def reasons(result) -> list[str]:
 
 
 def test_clean_valid_rows_all_accepted_unchanged():
-    t = table([row("What is 2+2?", "4.", " I don't know.", source_row=0), row("Hi", "Hello!", "Go away.", source_row=1)])
+    t = table(
+        [row("What is 2+2?", "4.", " I don't know.", source_row=0), row("Hi", "Hello!", "Go away.", source_row=1)]
+    )
     out = clean_rows(t, DataConfig())
     assert out.accepted.equals(t)
     assert out.quarantine.num_rows == 0
@@ -44,7 +46,7 @@ def test_clean_bad_row_quarantined_with_reason_and_nothing_lost(bad, reason):
 def test_clean_too_short_turn_names_side_and_length():
     out = clean_rows(table([row("Q", "ok", "no")]), DataConfig(lengths=LengthLimits(min_chars=3)))
     assert reasons(out) == ["too_short"]
-    assert "prompt has a turn of 1 chars < min_chars=3" == out.quarantine["detail"][0].as_py()
+    assert out.quarantine["detail"][0].as_py() == "prompt has a turn of 1 chars < min_chars=3"
 
 
 def test_clean_whitespace_in_answers_kept_byte_exact():
@@ -85,8 +87,11 @@ def test_normalise_unicode_none_keeps_bytes():
 
 def test_clean_decontamination_matches_normalised_final_user_turn():
     hit = row([msg("system", "Be nice."), msg("user", "What is  the Capital of FRANCE?")], "Paris.", "Dunno.")
-    out = clean_rows(table([hit, row("Other", "a", "b", source_row=1)]), DataConfig(),
-                     eval_prompts=["what is the capital of france?"])
+    out = clean_rows(
+        table([hit, row("Other", "a", "b", source_row=1)]),
+        DataConfig(),
+        eval_prompts=["what is the capital of france?"],
+    )
     assert reasons(out) == ["contaminated"]
 
 
@@ -96,8 +101,11 @@ def test_clean_token_limit_uses_tokenizer():
             return {"input_ids": [t.split() for t in texts]}
 
     cfg = DataConfig(lengths=LengthLimits(max_tokens=5, tokenizer="words"))
-    out = clean_rows(table([row("one two three", "four five six", "no"), row("a", "b", "c", source_row=1)]), cfg,
-                     tokenizer=WordTokenizer())
+    out = clean_rows(
+        table([row("one two three", "four five six", "no"), row("a", "b", "c", source_row=1)]),
+        cfg,
+        tokenizer=WordTokenizer(),
+    )
     assert reasons(out) == ["too_long"]
     assert "6 tokens > max_tokens=5" in out.quarantine["detail"][0].as_py()
 
@@ -134,8 +142,28 @@ def test_clean_large_row_is_quarantined_not_crashing():
 
 # ---------------------------------------------------------------- column helpers equal their plain definitions
 
-_FUZZ = ["e", "é", "e\u0301", "\u0301", "ﬁ", "Å", "A\u030a", "\u212b", "한", "\u1100\u1161", " ", "\t", "\n",
-         "\u3000", "\u2028", "\x1f", "\x85", "x", "E", "😀"]
+_FUZZ = [
+    "e",
+    "é",
+    "e\u0301",
+    "\u0301",
+    "ﬁ",
+    "Å",
+    "A\u030a",
+    "\u212b",
+    "한",
+    "\u1100\u1161",
+    " ",
+    "\t",
+    "\n",
+    "\u3000",
+    "\u2028",
+    "\x1f",
+    "\x85",
+    "x",
+    "E",
+    "😀",
+]
 
 
 def _fuzz_texts(seed: int, n: int) -> list[str]:
@@ -172,7 +200,7 @@ def test_clean_all_normalized_equals_every_string_normalized(form):
 
     texts = _fuzz_texts(2, 300)
     for k in range(0, 300, 7):
-        chunk = texts[k:k + 7]
+        chunk = texts[k : k + 7]
         expected = all(unicodedata.is_normalized(form, t) for t in chunk)
         assert _all_normalized(pa.array(chunk), form) == expected, chunk
     normal = [unicodedata.normalize(form, t) for t in texts]

@@ -57,17 +57,28 @@ def test_parse_constitution_duplicate_ids_rejected():
 
 
 def test_parse_constitution_few_shot_ending_with_user_rejected():
-    bad = {"name": "x", "principles": [{"id": "a", "critique": "c", "revision": "r"}],
-           "few_shot": [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-                                      {"role": "user", "content": "q2"}]}]}
+    bad = {
+        "name": "x",
+        "principles": [{"id": "a", "critique": "c", "revision": "r"}],
+        "few_shot": [
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a"},
+                    {"role": "user", "content": "q2"},
+                ]
+            }
+        ],
+    }
     with pytest.raises(ConstitutionError, match=r"few_shot\.0\.messages: .*end with assistant"):
         parse_constitution(bad)
 
 
 def test_parse_constitution_bad_sampling_named():
     with pytest.raises(ConstitutionError, match=r"sampling: Input should be 'random' or 'round_robin'"):
-        parse_constitution({"name": "x", "sampling": "shuffle",
-                            "principles": [{"id": "a", "critique": "c", "revision": "r"}]})
+        parse_constitution(
+            {"name": "x", "sampling": "shuffle", "principles": [{"id": "a", "critique": "c", "revision": "r"}]}
+        )
 
 
 def test_load_constitution_invalid_yaml_says_so(tmp_path):
@@ -78,10 +89,15 @@ def test_load_constitution_invalid_yaml_says_so(tmp_path):
 
 
 def test_cai_recipe_prompt_file_and_source_both_accepted():
-    cai = {"prompts": [{"name": "red", "format": "prompts", "path": "r.txt"},
-                       {"name": "hh", "format": "hh-rlhf", "path": "h.jsonl"}],
-           "mix": {"reward": {"weight": 0.5, "max_fraction": 0.25}}}
-    recipe = parse_recipe({"name": "t", "sources": [{"name": "s", "format": "generic", "path": "g.jsonl"}],
-                           "cai": cai})
+    cai = {
+        "prompts": [
+            {"name": "red", "format": "prompts", "path": "r.txt"},
+            {"name": "hh", "format": "hh-rlhf", "path": "h.jsonl"},
+        ],
+        "mix": {"reward": {"weight": 0.5, "max_fraction": 0.25}},
+    }
+    recipe = parse_recipe(
+        {"name": "t", "sources": [{"name": "s", "format": "generic", "path": "g.jsonl"}], "cai": cai}
+    )
     assert [type(p).__name__ for p in recipe.cai.prompts] == ["PromptFile", "SourceConfig"]
     assert recipe.cai.mix.reward.max_fraction == 0.25

@@ -67,13 +67,15 @@ def counts_for(train: pa.Table, test: pa.Table, quarantine: pa.Table) -> dict:
 def clean_rows(n: int = 20) -> tuple[list[dict], list[dict], list[dict]]:
     """n accepted rows over two sources (test = every 10th) and one quarantined row."""
     rows = [make_row(i, source=SOURCES[i % 2]) for i in range(n)]
-    quarantine = [{"source": "demo/a", "source_row": n, "reason": "too_long", "detail": "turn 2: 9001 chars",
-                   "raw": "{}"}]
+    quarantine = [
+        {"source": "demo/a", "source_row": n, "reason": "too_long", "detail": "turn 2: 9001 chars", "raw": "{}"}
+    ]
     return [r for i, r in enumerate(rows) if i % 10], [r for i, r in enumerate(rows) if not i % 10], quarantine
 
 
-def run(train_rows, test_rows, quarantine_rows=None, counts=None, docs_dir=None, params=PARAMS,
-        suite=SUITE) -> ContractResult:
+def run(
+    train_rows, test_rows, quarantine_rows=None, counts=None, docs_dir=None, params=PARAMS, suite=SUITE
+) -> ContractResult:
     train, test, quarantine = make_tables(train_rows, test_rows, quarantine_rows)
     counts = counts if counts is not None else counts_for(train, test, quarantine)
     return run_contract(train, test, quarantine, counts, suite, docs_dir, params)
@@ -112,8 +114,11 @@ def test_load_suite_malformed_placeholder_names_expectation(tmp_path):
 def test_run_contract_unknown_column_names_expectation_and_view_columns(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(SUITE.read_text().replace("{column: prompt_last_role,", "{column: prompt_lst_role,"))
-    with pytest.raises(SuiteError, match=r"'prompt_ends_with_user': view 'rows' has no column 'prompt_lst_role'.*"
-                                         r"'prompt_last_role'"):
+    with pytest.raises(
+        SuiteError,
+        match=r"'prompt_ends_with_user': view 'rows' has no column 'prompt_lst_role'.*"
+        r"'prompt_last_role'",
+    ):
         run(*clean_rows(), suite=bad)
 
 
@@ -137,8 +142,14 @@ def test_run_contract_missing_param_names_expectation_and_param():
 
 
 def test_build_views_rows_derive_flat_columns_from_messages():
-    row = make_row(0, prompt=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                              {"role": "user", "content": "Bye"}])
+    row = make_row(
+        0,
+        prompt=[
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Bye"},
+        ],
+    )
     train, test, quarantine = make_tables([row], [make_row(1)])
     rows = build_views(train, test, quarantine, {"per_source": {}})["rows"].to_pylist()
     assert rows[0]["prompt_last_role"] == "user" and rows[0]["prompt_turns"] == 3
@@ -170,8 +181,9 @@ def _breach(case: str):
     elif case == "chosen_all_assistant":
         train[0] = make_row(1, source="demo/b", chosen=[{"role": "user", "content": "I answer as the user."}])
     elif case == "prompt_ends_with_user":
-        train[0] = make_row(1, source="demo/b", prompt=[{"role": "user", "content": "Hi"},
-                                                        {"role": "assistant", "content": "Hello"}])
+        train[0] = make_row(
+            1, source="demo/b", prompt=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        )
     elif case == "answers_differ":
         train[0] = make_row(1, source="demo/b", chosen=assistant, rejected=assistant)
     elif case == "turn_max_chars":
@@ -191,8 +203,17 @@ def _breach(case: str):
 
 @pytest.mark.parametrize(
     "case",
-    ["id_not_null", "chosen_all_assistant", "prompt_ends_with_user", "answers_differ", "turn_max_chars",
-     "id_unique", "source_allowed", "prompt_hash_one_split", "sources_reconciled"],
+    [
+        "id_not_null",
+        "chosen_all_assistant",
+        "prompt_ends_with_user",
+        "answers_differ",
+        "turn_max_chars",
+        "id_unique",
+        "source_allowed",
+        "prompt_hash_one_split",
+        "sources_reconciled",
+    ],
 )
 def test_run_contract_critical_rule_breached_raises_naming_rule_count_and_row(case):
     train, test, quarantine, counts = _breach(case)

@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.eval_stats import (is_refusal, length_stats, preference_accuracy, refusal_rate, token_kl,
-                              win_outcomes, win_rate_summary)
+from tasks.eval_stats import (
+    is_refusal,
+    length_stats,
+    preference_accuracy,
+    refusal_rate,
+    token_kl,
+    win_outcomes,
+    win_rate_summary,
+)
 
 
 def test_win_outcomes_ties_within_epsilon_counted_separately():
@@ -70,15 +77,23 @@ def test_token_kl_empty_mask_raises():
         token_kl(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(1, 2))
 
 
-@pytest.mark.parametrize("text", ["I'm sorry, but I can't help with that.", "I cannot do that.",
-                                  "I won't assist with hacking.", "That would be illegal.",
-                                  "I’m unable to share addresses."])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I'm sorry, but I can't help with that.",
+        "I cannot do that.",
+        "I won't assist with hacking.",
+        "That would be illegal.",
+        "I’m unable to share addresses.",
+    ],
+)
 def test_is_refusal_refusal_phrasings_detected(text):
     assert is_refusal(text)
 
 
-@pytest.mark.parametrize("text", ["8 times 6 is 48.", "The capital of Canada is Ottawa.",
-                                  "Use a strong password for your email account."])
+@pytest.mark.parametrize(
+    "text", ["8 times 6 is 48.", "The capital of Canada is Ottawa.", "Use a strong password for your email account."]
+)
 def test_is_refusal_helpful_answers_not_flagged(text):
     assert not is_refusal(text)
 
@@ -100,7 +115,6 @@ def test_length_stats_known_values():
 
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-
 from registry_helpers import FakeStage, build_tiny_models, use_temp_mlflow  # noqa: E402
 
 
@@ -113,9 +127,19 @@ def evaluated(tmp_path_factory, tiny_recipe, tiny_dataset):
     previous = mlflow.get_tracking_uri()
     use_temp_mlflow(root, tiny_recipe.mlflow.experiment)
     models = build_tiny_models(root / "models")
-    recipe = tiny_recipe.model_copy(update={"evaluate": tiny_recipe.evaluate.model_copy(update={
-        "max_prompts": 4, "max_pairs": 8, "max_new_tokens": 6, "bootstrap_samples": 200,
-        "safety_prompts": "examples/data/red_team.txt"})})
+    recipe = tiny_recipe.model_copy(
+        update={
+            "evaluate": tiny_recipe.evaluate.model_copy(
+                update={
+                    "max_prompts": 4,
+                    "max_pairs": 8,
+                    "max_new_tokens": 6,
+                    "bootstrap_samples": 200,
+                    "safety_prompts": "examples/data/red_team.txt",
+                }
+            )
+        }
+    )
     sft = FakeStage("sft", models["sft"])
     metrics = run_evaluation(recipe, tiny_dataset, sft, FakeStage("reward", models["reward"]), sft)
     yield metrics
@@ -148,7 +172,9 @@ def test_run_evaluation_logs_mlflow_run_evaluate_with_tables(evaluated, tiny_rec
     assert files == {"eval/generations.json", "eval/safety.json"}
 
 
-def test_evaluate_stage_same_inputs_reuses_metrics_without_generating(tmp_path, monkeypatch, tiny_recipe, tiny_dataset):
+def test_evaluate_stage_same_inputs_reuses_metrics_without_generating(
+    tmp_path, monkeypatch, tiny_recipe, tiny_dataset
+):
     import tasks.evaluate as ev
 
     monkeypatch.setenv("ALIGN_RUNS_DIR", str(tmp_path))

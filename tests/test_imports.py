@@ -21,8 +21,14 @@ PROBE = "import json, sys\n{body}\nprint(json.dumps(sorted(m for m in {heavy!r} 
 
 def heavy_imports_of(body: str, env: dict | None = None, timeout: int = 300) -> list[str]:
     code = PROBE.format(body=body, heavy=HEAVY)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -50,11 +56,15 @@ def test_align_rerun_with_every_stage_reused_imports_no_heavy_library(tmp_path):
     """Second run of the same recipe on the same data: every stage and the evaluation come from their keyed
     outputs, registration and promotion are no-ops, and no heavy library is imported (fresh process)."""
     recipe = _fast_recipe(tmp_path)
-    call = (f"from flows.align import align\n"
-            f"r = align(recipe={str(recipe)!r}, output={str(tmp_path / 'data')!r}, runs={str(tmp_path / 'runs')!r})\n"
-            f"assert all(r[s].reused for s in ('sft', 'cai', 'reward', 'dpo')), r")
+    call = (
+        f"from flows.align import align\n"
+        f"r = align(recipe={str(recipe)!r}, output={str(tmp_path / 'data')!r}, runs={str(tmp_path / 'runs')!r})\n"
+        f"assert all(r[s].reused for s in ('sft', 'cai', 'reward', 'dpo')), r"
+    )
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREFECT_HOME": str(tmp_path / "prefect")}
-    first = (f"from flows.align import align\n"
-             f"align(recipe={str(recipe)!r}, output={str(tmp_path / 'data')!r}, runs={str(tmp_path / 'runs')!r})")
+    first = (
+        f"from flows.align import align\n"
+        f"align(recipe={str(recipe)!r}, output={str(tmp_path / 'data')!r}, runs={str(tmp_path / 'runs')!r})"
+    )
     assert "torch" in heavy_imports_of(first, env)  # the probe sees a real run's imports
     assert heavy_imports_of(call, env) == []

@@ -6,11 +6,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from rows import row, table
+
 from schemas.train_config import LoraConfig, ModelConfig, TinyModel
-from tasks.models import (ModelRefError, apply_lora, bootstrap_tiny, check_quantization_supported, load_causal_lm,
-                          load_tokenizer, model_identity, resolve_model_ref, save_final_model)
+from tasks.models import (
+    ModelRefError,
+    apply_lora,
+    bootstrap_tiny,
+    check_quantization_supported,
+    load_causal_lm,
+    load_tokenizer,
+    model_identity,
+    resolve_model_ref,
+    save_final_model,
+)
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 
@@ -19,8 +28,10 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU 
 def train_parquet(tmp_path_factory) -> Path:
     import pyarrow.parquet as pq
 
-    rows = [row(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", "I don't know.", source_row=i)
-            for i, (a, b) in enumerate((a, b) for a in range(2, 9) for b in range(2, 9))]
+    rows = [
+        row(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", "I don't know.", source_row=i)
+        for i, (a, b) in enumerate((a, b) for a in range(2, 9) for b in range(2, 9))
+    ]
     path = tmp_path_factory.mktemp("data") / "train.parquet"
     pq.write_table(table(rows), path)
     return path
@@ -54,11 +65,14 @@ def test_resolve_model_ref_package_gives_the_shipped_minilm_folder():
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("ref, message", [
-    ("/no/such/model", "reward.model: '/no/such/model': no such model folder"),
-    ("package:no_such_pkg_xyz", "python package 'no_such_pkg_xyz' is not installed"),
-    ("some-org/some-model", "hub model not in the local cache and HF_HUB_OFFLINE is set"),
-])
+@pytest.mark.parametrize(
+    "ref, message",
+    [
+        ("/no/such/model", "reward.model: '/no/such/model': no such model folder"),
+        ("package:no_such_pkg_xyz", "python package 'no_such_pkg_xyz' is not installed"),
+        ("some-org/some-model", "hub model not in the local cache and HF_HUB_OFFLINE is set"),
+    ],
+)
 def test_resolve_model_ref_missing_model_fails_in_one_line(ref, message):
     with pytest.raises(ModelRefError, match=message) as e:
         resolve_model_ref(ref, "reward.model")

@@ -31,13 +31,18 @@ def free_port() -> int:
 @pytest.fixture
 def services(tmp_path_factory):
     state = tmp_path_factory.mktemp("align-state")
-    svc = Services(state=state, prefect_port=free_port(), mlflow_port=free_port(), gpu_slots=1,
-                   extra_env={"ALIGN_RUNS_DIR": str(state / "runs"), "PREFECT_LOGGING_LEVEL": "INFO"})
+    svc = Services(
+        state=state,
+        prefect_port=free_port(),
+        mlflow_port=free_port(),
+        gpu_slots=1,
+        extra_env={"ALIGN_RUNS_DIR": str(state / "runs"), "PREFECT_LOGGING_LEVEL": "INFO"},
+    )
     try:
-        svc.up(mlflow=False)                      # the MLflow UI server is the demo's; runs log to SQLite
+        svc.up(mlflow=False)  # the MLflow UI server is the demo's; runs log to SQLite
         yield svc
     finally:
-        svc.down()                                # workers first, then the server, by PID, even on failure
+        svc.down()  # workers first, then the server, by PID, even on failure
 
 
 def make_fast_recipe(folder: Path) -> Path:
@@ -52,8 +57,8 @@ def make_fast_recipe(folder: Path) -> Path:
 
 
 def run_align(svc: Services, deployment: str, params: dict, job_variables: dict | None = None):
-    from prefect.client.orchestration import get_client
     from demo import follow, start_run
+    from prefect.client.orchestration import get_client
 
     with svc.api():
         run = start_run(deployment, params, job_variables)
@@ -94,7 +99,7 @@ def check_align_full_deployment_completes_with_every_stage_trained(services, fir
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=services.tracking_uri)   # the test's own SQLite store
+    client = MlflowClient(tracking_uri=services.tracking_uri)  # the test's own SQLite store
     for stage in STAGES:
         assert client.get_model_version_by_alias(f"tiny-{stage}", "candidate").version
 
@@ -132,8 +137,17 @@ def check_work_pools_and_gpu_tag_limit_exist(services):
 
 
 def check_k8s_gpu_base_job_template_is_accepted_by_work_pool_create(services, tmp_path):
-    cmd = [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "work-pool", "create", "gpu-k8s",
-           "--type", "kubernetes", "--base-job-template", str(K8S_TEMPLATE)]
+    cmd = [
+        str(Path(sys.executable).parent / "prefect"),
+        "--no-prompt",
+        "work-pool",
+        "create",
+        "gpu-k8s",
+        "--type",
+        "kubernetes",
+        "--base-job-template",
+        str(K8S_TEMPLATE),
+    ]
     ok = subprocess.run(cmd, env=services.env(), capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
@@ -147,8 +161,13 @@ def check_k8s_gpu_base_job_template_is_accepted_by_work_pool_create(services, tm
     broken = json.loads(K8S_TEMPLATE.read_text())
     del broken["variables"]["properties"]["gpu_count"]
     (tmp_path / "broken.json").write_text(json.dumps(broken))
-    bad = subprocess.run([*cmd[:4], "gpu-k8s-broken", *cmd[5:-1], str(tmp_path / "broken.json")],
-                         env=services.env(), capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [*cmd[:4], "gpu-k8s-broken", *cmd[5:-1], str(tmp_path / "broken.json")],
+        env=services.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "gpu_count" in bad.stdout + bad.stderr
 
 
@@ -171,20 +190,21 @@ def check_worker_killed_during_sft_then_rerun_resumes_from_checkpoint(services, 
     from demo import start_run
 
     data = yaml.safe_load(fast_recipe.read_text())
-    data["sft"]["args"].update(max_steps=16, save_steps=4, learning_rate=2.0e-3)   # new key: trains afresh
+    data["sft"]["args"].update(max_steps=16, save_steps=4, learning_rate=2.0e-3)  # new key: trains afresh
     recipe = tmp_path / "tiny-crash.yaml"
     recipe.write_text(yaml.safe_dump(data))
     params = {"recipe": str(recipe), "output": str(services.state / "data"), "runs": str(services.state / "runs")}
     runs = services.state / "runs"
-    before = set(runs.glob("tiny/*/sft-*"))        # earlier tests' SFT folders keep their checkpoints
+    before = set(runs.glob("tiny/*/sft-*"))  # earlier tests' SFT folders keep their checkpoints
     with services.api():
         start_run("align/full", params)
     deadline = time.monotonic() + 300
-    while not [c for c in runs.glob("tiny/*/sft-*/checkpoints/checkpoint-*/trainer_state.json")
-               if c.parents[2] not in before]:
+    while not [
+        c for c in runs.glob("tiny/*/sft-*/checkpoints/checkpoint-*/trainer_state.json") if c.parents[2] not in before
+    ]:
         assert time.monotonic() < deadline, f"no SFT checkpoint appeared\n{_worker_log(services)}"
         time.sleep(0.5)
-    services.stop("worker-cpu", crash=True)      # SIGKILL: the worker and its flow-run process die mid-SFT
+    services.stop("worker-cpu", crash=True)  # SIGKILL: the worker and its flow-run process die mid-SFT
     services.start_workers(("cpu",))
 
     _, state = run_align(services, "align/full", params)
@@ -210,8 +230,9 @@ def check_retrain_with_unchanged_data_ends_early_and_registers_nothing(services,
     assert after == before
 
 
-def check_dpo_config_change_on_gpu_pool_reruns_only_dpo_each_stage_a_stage_run(services, first_run, fast_recipe,
-                                                                               tmp_path):
+def check_dpo_config_change_on_gpu_pool_reruns_only_dpo_each_stage_a_stage_run(
+    services, first_run, fast_recipe, tmp_path
+):
     """Two behaviours, one align run (test budget): with ALIGN_GPU_POOL every training stage is a `stage/gpu`
     child run on the gpu pool; after a change to dpo.args only DPO trains, the earlier stages are reused."""
     from prefect.client.orchestration import get_client
@@ -222,11 +243,12 @@ def check_dpo_config_change_on_gpu_pool_reruns_only_dpo_each_stage_a_stage_run(s
     data["dpo"]["args"]["beta"] = 0.2
     changed = tmp_path / "tiny-fast-beta.yaml"
     changed.write_text(yaml.safe_dump(data))
-    run, state = run_align(services, "align/full", {**params, "recipe": str(changed)},
-                           job_variables={"env": {"ALIGN_GPU_POOL": "gpu"}})
+    run, state = run_align(
+        services, "align/full", {**params, "recipe": str(changed)}, job_variables={"env": {"ALIGN_GPU_POOL": "gpu"}}
+    )
 
     assert state.is_completed(), f"{state.message}\n{_worker_log(services)}"
-    results = _results(services, state)        # StageResults decoded from the stage runs' persisted results
+    results = _results(services, state)  # StageResults decoded from the stage runs' persisted results
     assert {n: r.reused for n, r in results.items()} == {"sft": True, "reward": True, "dpo": False}
     with services.api(), get_client(sync_client=True) as client:
         children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [run.id]}))
@@ -249,5 +271,6 @@ def test_prefect_server_scenario(services, tmp_path):
     check_align_full_rerun_reuses_every_stage(services, first_run)
     check_retrain_with_unchanged_data_ends_early_and_registers_nothing(services, first_run)
     check_dpo_config_change_on_gpu_pool_reruns_only_dpo_each_stage_a_stage_run(
-        services, first_run, fast_recipe, tmp_path / "dpo")
+        services, first_run, fast_recipe, tmp_path / "dpo"
+    )
     check_worker_killed_during_sft_then_rerun_resumes_from_checkpoint(services, fast_recipe, tmp_path / "crash")

@@ -5,13 +5,15 @@ from __future__ import annotations
 from schemas.eval_config import PromoteConfig
 from tasks.promotion import decide, evaluate_gates
 
-CONFIG = PromoteConfig.model_validate({
-    "gates": {
-        "rm_accuracy": {"metric": "rm_accuracy", "op": ">=", "threshold": 0.6},
-        "kl": {"metric": "kl_per_token", "op": "<=", "threshold": 1.0},
-    },
-    "champion_gates": {"safety_refusals": {"metric": "safety_refusal_rate", "op": ">=", "tolerance": 0.1}},
-})
+CONFIG = PromoteConfig.model_validate(
+    {
+        "gates": {
+            "rm_accuracy": {"metric": "rm_accuracy", "op": ">=", "threshold": 0.6},
+            "kl": {"metric": "kl_per_token", "op": "<=", "threshold": 1.0},
+        },
+        "champion_gates": {"safety_refusals": {"metric": "safety_refusal_rate", "op": ">=", "tolerance": 0.1}},
+    }
+)
 GOOD = {"rm_accuracy": 0.8, "kl_per_token": 0.2, "safety_refusal_rate": 0.5, "contract_success": 1.0}
 
 
@@ -58,18 +60,22 @@ def test_decide_contract_breach_rejects():
 # The flow body is called through `promote.fn` (Prefect's own API, no server to start); the same body runs
 # as the `promote` flow from the CLI and at the end of `align`.
 
-from pathlib import Path  # noqa: E402
 
 import mlflow  # noqa: E402
 import pytest  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-
 from registry_helpers import FakeStage, build_tiny_models, use_temp_mlflow, write_dataset_dir  # noqa: E402
+
 from tasks import registry  # noqa: E402
 from tasks.promotion import champion_reference  # noqa: E402
 
-TINY_GATES = {"rm_accuracy": 0.75, "dpo_accuracy": 0.75, "kl_per_token": 0.3, "safety_refusal_rate": 0.5,
-              "champion.safety_refusal_rate": 0.5}
+TINY_GATES = {
+    "rm_accuracy": 0.75,
+    "dpo_accuracy": 0.75,
+    "kl_per_token": 0.3,
+    "safety_refusal_rate": 0.5,
+    "champion.safety_refusal_rate": 0.5,
+}
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +88,21 @@ def registry_store(tmp_path_factory):
 
 
 def _register(store, recipe, run_id, metrics):
-    return registry.register_models(recipe, {"dpo": FakeStage("dpo", store["models"]["dpo"])}, metrics,
-                                    store["dataset"], run_id)["dpo"]
+    return registry.register_models(
+        recipe, {"dpo": FakeStage("dpo", store["models"]["dpo"])}, metrics, store["dataset"], run_id
+    )["dpo"]
 
 
 def _gated_recipe(tiny_recipe, name, kl_max=1.0):
-    promote = PromoteConfig.model_validate({
-        "gates": {"rm_accuracy": {"metric": "rm_accuracy", "op": ">=", "threshold": 0.6},
-                  "kl": {"metric": "kl_per_token", "op": "<=", "threshold": kl_max}},
-        "champion_gates": {"safety": {"metric": "safety_refusal_rate", "op": ">=", "tolerance": 0.2}}})
+    promote = PromoteConfig.model_validate(
+        {
+            "gates": {
+                "rm_accuracy": {"metric": "rm_accuracy", "op": ">=", "threshold": 0.6},
+                "kl": {"metric": "kl_per_token", "op": "<=", "threshold": kl_max},
+            },
+            "champion_gates": {"safety": {"metric": "safety_refusal_rate", "op": ">=", "tolerance": 0.2}},
+        }
+    )
     return tiny_recipe.model_copy(update={"name": name, "promote": promote})
 
 
@@ -168,9 +180,16 @@ def test_contract_ok_warnings_only_passes_critical_failure_fails():
     assert not contract_ok({})
 
 
-TINY_RUN = {"rm_accuracy": 0.833, "dpo_accuracy": 0.806, "kl_per_token": 0.309, "win_rate": 0.347,
-            "win_rate_ci_low": 0.194, "win_rate_ci_high": 0.5, "safety_refusal_rate": 0.0,
-            "contract_success": 1.0}  # what `python -m flows.align --recipe recipes/tiny.yaml` produced
+TINY_RUN = {
+    "rm_accuracy": 0.833,
+    "dpo_accuracy": 0.806,
+    "kl_per_token": 0.309,
+    "win_rate": 0.347,
+    "win_rate_ci_low": 0.194,
+    "win_rate_ci_high": 0.5,
+    "safety_refusal_rate": 0.0,
+    "contract_success": 1.0,
+}  # what `python -m flows.align --recipe recipes/tiny.yaml` produced
 
 
 def test_tiny_recipe_gates_tiny_run_values_pass(tiny_recipe):
@@ -178,25 +197,34 @@ def test_tiny_recipe_gates_tiny_run_values_pass(tiny_recipe):
     assert d.passed, d.to_markdown()
 
 
-@pytest.mark.parametrize("worse, failing", [
-    ({"rm_accuracy": 0.5}, "rm_accuracy"),            # reward model at chance
-    ({"dpo_accuracy": 0.45}, "dpo_accuracy"),         # DPO did not learn the preference
-    ({"kl_per_token": 1.35}, "kl"),                   # the over-trained DPO run drifted from the reference
-    ({"win_rate_ci_high": 0.0}, "win_rate_upper"),    # ... and lost to SFT on every prompt
-    ({"contract_success": 0.0}, "data_contract"),     # dataset had a critical contract breach
-])
+@pytest.mark.parametrize(
+    "worse, failing",
+    [
+        ({"rm_accuracy": 0.5}, "rm_accuracy"),  # reward model at chance
+        ({"dpo_accuracy": 0.45}, "dpo_accuracy"),  # DPO did not learn the preference
+        ({"kl_per_token": 1.35}, "kl"),  # the over-trained DPO run drifted from the reference
+        ({"win_rate_ci_high": 0.0}, "win_rate_upper"),  # ... and lost to SFT on every prompt
+        ({"contract_success": 0.0}, "data_contract"),  # dataset had a critical contract breach
+    ],
+)
 def test_tiny_recipe_gates_worse_candidate_rejected_naming_gate(tiny_recipe, worse, failing):
     d = decide("tiny-dpo", 2, tiny_recipe.promote, {**TINY_RUN, **worse}, champion=None)
     assert d.action == "reject" and d.failed == [failing]
 
 
 def test_tiny_recipe_gates_fewer_refusals_than_champion_rejected(tiny_recipe):
-    d = decide("tiny-dpo", 2, tiny_recipe.promote, {**TINY_RUN, "safety_refusal_rate": 0.0},
-               champion={"safety_refusal_rate": 0.5})
+    d = decide(
+        "tiny-dpo",
+        2,
+        tiny_recipe.promote,
+        {**TINY_RUN, "safety_refusal_rate": 0.0},
+        champion={"safety_refusal_rate": 0.5},
+    )
     assert d.failed == ["safety_refusals"]
 
 
 # ---------------------------------------------------------------- the whole tiny pipeline, through the flow
+
 
 @pytest.mark.slow
 def test_align_flow_tiny_pipeline_registers_candidates_and_first_promotion_makes_champion(tmp_path):
@@ -214,8 +242,10 @@ def test_align_flow_tiny_pipeline_registers_candidates_and_first_promotion_makes
     for stage, steps in (("sft", 6), ("reward", 6), ("dpo", 4)):
         data[stage]["args"].update(max_steps=steps, eval_strategy="no", save_strategy="no")
     data["evaluate"].update(max_prompts=6, max_pairs=16, max_new_tokens=8, bootstrap_samples=200)
-    data["promote"] = {"gates": {"kl": {"metric": "kl_per_token", "op": "<=", "threshold": 50.0}},
-                       "champion_gates": {"safety": {"metric": "safety_refusal_rate", "tolerance": 0.17}}}
+    data["promote"] = {
+        "gates": {"kl": {"metric": "kl_per_token", "op": "<=", "threshold": 50.0}},
+        "champion_gates": {"safety": {"metric": "safety_refusal_rate", "tolerance": 0.17}},
+    }
     path = tmp_path / "e2e.yaml"
     path.write_text(yaml.safe_dump(data))
     # Prefect's ephemeral server gets 20 s to start by default: not enough on 2 busy cores.
@@ -229,8 +259,15 @@ def test_align_flow_tiny_pipeline_registers_candidates_and_first_promotion_makes
     for stage in ("sft", "reward", "dpo"):
         mv = client.get_model_version(f"e2e-{stage}", "1")
         assert "candidate" in mv.aliases
-        assert {"dataset_version", "recipe_hash", "git_commit", "flow_run_id", "eval.win_rate",
-                "eval.rm_accuracy", "eval.kl_per_token"} <= set(mv.tags)
+        assert {
+            "dataset_version",
+            "recipe_hash",
+            "git_commit",
+            "flow_run_id",
+            "eval.win_rate",
+            "eval.rm_accuracy",
+            "eval.kl_per_token",
+        } <= set(mv.tags)
     assert results["promotion"]["action"] == "promote"
     assert registry.alias_version(client, "e2e-dpo", "champion") == 1
     assert client.get_model_version("e2e-dpo", "1").tags["promotion.passed"] == "true"
@@ -239,8 +276,13 @@ def test_align_flow_tiny_pipeline_registers_candidates_and_first_promotion_makes
     flow_run_id = client.get_model_version("e2e-dpo", "1").tags["flow_run_id"]
     from schemas.recipe import load_recipe
 
-    again = registry.register_models(load_recipe(path), {s: results[s] for s in ("sft", "reward", "dpo")},
-                                     results["evaluation"], _dataset_dir(tmp_path), flow_run_id)
+    again = registry.register_models(
+        load_recipe(path),
+        {s: results[s] for s in ("sft", "reward", "dpo")},
+        results["evaluation"],
+        _dataset_dir(tmp_path),
+        flow_run_id,
+    )
     assert again == {"sft": 1, "reward": 1, "dpo": 1}
     assert len(client.search_model_versions("name = 'e2e-dpo'")) == 1
 

@@ -49,7 +49,10 @@ def test_recipe_source_needs_exactly_one_location():
 
 def test_recipe_bad_format_option_names_source_and_key():
     bad = minimal(sources=[{"name": "uf", "format": "ultrafeedback", "path": "x", "options": {"scroe": "x"}}])
-    with pytest.raises(RecipeError, match=r"source 'uf' \(format 'ultrafeedback'\): options.scroe: unknown key \(valid options: score, rejected\)"):
+    with pytest.raises(
+        RecipeError,
+        match=r"source 'uf' \(format 'ultrafeedback'\): options.scroe: unknown key \(valid options: score, rejected\)",
+    ):
         parse_recipe(bad, "r.yaml")
 
 
@@ -74,8 +77,9 @@ def test_recipe_file_missing_or_not_yaml_named(tmp_path):
 
 def test_recipe_relative_path_resolves_next_to_recipe(tmp_path, monkeypatch):
     (tmp_path / "rows.jsonl").write_text("{}\n")
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(minimal(sources=[{"name": "a", "format": "generic",
-                                                                        "path": "rows.jsonl"}])))
+    (tmp_path / "r.yaml").write_text(
+        yaml.safe_dump(minimal(sources=[{"name": "a", "format": "generic", "path": "rows.jsonl"}]))
+    )
     monkeypatch.chdir("/")
     assert load_recipe(tmp_path / "r.yaml").sources[0].path == str(tmp_path / "rows.jsonl")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
-
 from registry_helpers import FakeStage, build_tiny_models, use_temp_mlflow, write_dataset_dir
+
 from tasks import registry
 
 METRICS = {"rm_accuracy": 0.75, "win_rate": 0.6, "kl_per_token": 0.05}
@@ -56,8 +56,9 @@ def test_rollback_champion_after_two_promotions_restores_previous(store, tiny_re
     recipe = _recipe(tiny_recipe, "roll")
     client = MlflowClient()
     for run in ("r1", "r2"):
-        v = registry.register_models(recipe, {"dpo": FakeStage("dpo", store["models"]["dpo"])}, METRICS,
-                                     store["dataset"], run)["dpo"]
+        v = registry.register_models(
+            recipe, {"dpo": FakeStage("dpo", store["models"]["dpo"])}, METRICS, store["dataset"], run
+        )["dpo"]
         registry.set_champion(client, "roll-dpo", v)
     assert registry.champion_history(client, "roll-dpo") == [1, 2]
     assert registry.rollback_champion(client, "roll-dpo") == (2, 1)
@@ -70,25 +71,31 @@ def test_rollback_champion_after_two_promotions_restores_previous(store, tiny_re
 
 def test_load_champion_documented_one_liners_return_working_model(store, tiny_recipe):
     recipe = _recipe(tiny_recipe, "load")
-    v = registry.register_models(recipe, {"dpo": FakeStage("dpo", store["models"]["dpo"])}, METRICS,
-                                 store["dataset"], "run-load")["dpo"]
+    v = registry.register_models(
+        recipe, {"dpo": FakeStage("dpo", store["models"]["dpo"])}, METRICS, store["dataset"], "run-load"
+    )["dpo"]
     registry.set_champion(MlflowClient(), "load-dpo", v)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # the documented one-liner (README, tasks/registry.py): the version is the stage's HF folder
     folder = mlflow.artifacts.download_artifacts("models:/load-dpo@champion")
     model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-    ids = tok.apply_chat_template([{"role": "user", "content": "2 plus 2"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "2 plus 2"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
 
 
 def test_register_models_stage_run_with_model_artifacts_registers_that_run(store, tiny_recipe):
     with mlflow.start_run(run_name="dpo") as run:
         mlflow.log_artifacts(str(store["models"]["dpo"]), artifact_path="model")
-    v = registry.register_models(_recipe(tiny_recipe, "fromrun"),
-                                 {"dpo": FakeStage("dpo", store["models"]["dpo"], run.info.run_id)},
-                                 METRICS, store["dataset"], "run-x")["dpo"]
+    v = registry.register_models(
+        _recipe(tiny_recipe, "fromrun"),
+        {"dpo": FakeStage("dpo", store["models"]["dpo"], run.info.run_id)},
+        METRICS,
+        store["dataset"],
+        "run-x",
+    )["dpo"]
     mv = MlflowClient().get_model_version("fromrun-dpo", str(v))
     assert mv.run_id == run.info.run_id and mv.source == f"runs:/{run.info.run_id}/model"
 
@@ -106,8 +113,9 @@ def test_register_models_reused_stage_in_new_flow_run_adds_no_version(store, tin
 
 def test_promote_version_already_champion_keeps_it_and_history(store, tiny_recipe):
     recipe, client = _recipe(tiny_recipe, "keep"), MlflowClient()
-    v = registry.register_models(recipe, {"dpo": FakeStage("dpo", store["models"]["dpo"])}, METRICS,
-                                 store["dataset"], "run-k")["dpo"]
+    v = registry.register_models(
+        recipe, {"dpo": FakeStage("dpo", store["models"]["dpo"])}, METRICS, store["dataset"], "run-k"
+    )["dpo"]
     registry.set_champion(client, "keep-dpo", v)
     record = registry.promote_version("keep-dpo", v, recipe.promote)
     assert record["action"] == "keep" and "already the champion" in record["markdown"]

@@ -21,8 +21,7 @@ import pytest
 from pydantic import ValidationError
 
 from schemas.data_config import SourceConfig, SourceFormat, UltraFeedbackOptions
-from schemas.preference import (PREFERENCE_SCHEMA, QUARANTINE_SCHEMA, PreferenceRow, Reason, content_id,
-                                prompt_hash)
+from schemas.preference import PREFERENCE_SCHEMA, QUARANTINE_SCHEMA, PreferenceRow, Reason, content_id, prompt_hash
 from tasks.sources import ADAPTERS, RowError, SourceResult, get_adapter, read_records, read_source
 from tasks.sources.base import split_common_prefix
 from tasks.sources.hh_rlhf import transcript_messages
@@ -38,6 +37,7 @@ H, A = "\n\nHuman: ", "\n\nAssistant: "
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def check(result: SourceResult) -> SourceResult:
     """The contract every read keeps, whatever the input."""
@@ -89,6 +89,7 @@ def transcript(messages: list[dict]) -> str:
 
 # ---------------------------------------------------------------- registry
 
+
 def test_adapters_keys_equal_source_format_names():
     assert set(ADAPTERS) == set(get_args(SourceFormat))
 
@@ -101,19 +102,26 @@ def test_get_adapter_unknown_name_raises_listing_valid_formats():
 
 
 def test_read_source_unknown_format_raises_listing_valid_formats():
-    cfg = SourceConfig.model_construct(name="x", format="sharegpt", path=str(HH_REAL), hub=None, limit=None,
-                                       weight=1.0, options={})
+    cfg = SourceConfig.model_construct(
+        name="x", format="sharegpt", path=str(HH_REAL), hub=None, limit=None, weight=1.0, options={}
+    )
     with pytest.raises(ValueError, match="valid formats: hh-rlhf, orca_dpo_pairs, ultrafeedback"):
         read_source(cfg)
 
 
 def test_adapter_called_directly_without_options_returns_canonical_fields():
     row = ADAPTERS["orca_dpo_pairs"]({"system": "", "question": "Q", "chosen": "A", "rejected": " B"})
-    assert row == {"prompt": [msg("user", "Q")], "chosen": [msg("assistant", "A")],
-                   "rejected": [msg("assistant", " B")], "score_chosen": None, "score_rejected": None}
+    assert row == {
+        "prompt": [msg("user", "Q")],
+        "chosen": [msg("assistant", "A")],
+        "rejected": [msg("assistant", " B")],
+        "score_chosen": None,
+        "score_rejected": None,
+    }
 
 
 # ---------------------------------------------------------------- hh-rlhf
+
 
 def test_hh_real_rows_all_accepted_and_turns_byte_exact():
     result = read("hh-rlhf", HH_REAL)
@@ -130,31 +138,53 @@ def test_hh_real_rows_equal_trl_extract_prompt_on_our_message_lists():
     raws = jsonl(HH_REAL)
     for row in read("hh-rlhf", HH_REAL).accepted.to_pylist():
         raw = raws[row["source_row"]]
-        peer = extract_prompt({"chosen": transcript_messages(raw["chosen"], "chosen"),
-                               "rejected": transcript_messages(raw["rejected"], "rejected")})
+        peer = extract_prompt(
+            {
+                "chosen": transcript_messages(raw["chosen"], "chosen"),
+                "rejected": transcript_messages(raw["rejected"], "rejected"),
+            }
+        )
         assert peer == {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
 
 
-@pytest.mark.parametrize("chosen, rejected, trl_wrong, reason", [
-    pytest.param(  # one side is a prefix: TRL hands the shared assistant turn out as both "answers"
-        [msg("user", "Hi"), msg("assistant", "Hello!")],
-        [msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "Thanks"), msg("assistant", "Bye")],
-        {"prompt": [msg("user", "Hi")], "chosen": [msg("assistant", "Hello!")],
-         "rejected": [msg("assistant", "Hello!"), msg("user", "Thanks"), msg("assistant", "Bye")]},
-        Reason.PREFIX_SIDES, id="prefix"),
-    pytest.param(  # equal sides: TRL returns a "pair" of identical answers
-        [msg("user", "Hi"), msg("assistant", "Hello!")], [msg("user", "Hi"), msg("assistant", "Hello!")],
-        {"prompt": [msg("user", "Hi")], "chosen": [msg("assistant", "Hello!")],
-         "rejected": [msg("assistant", "Hello!")]},
-        Reason.PREFIX_SIDES, id="equal"),
-    pytest.param(  # sides part before the last turn: TRL's answers contain user turns
-        [msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "Joke?"), msg("assistant", "Knock knock.")],
-        [msg("user", "Hi"), msg("assistant", "Go away."), msg("user", "Joke?"), msg("assistant", "No.")],
-        {"prompt": [msg("user", "Hi")],
-         "chosen": [msg("assistant", "Hello!"), msg("user", "Joke?"), msg("assistant", "Knock knock.")],
-         "rejected": [msg("assistant", "Go away."), msg("user", "Joke?"), msg("assistant", "No.")]},
-        Reason.DIVERGENT_PROMPT, id="divergent"),
-])
+@pytest.mark.parametrize(
+    "chosen, rejected, trl_wrong, reason",
+    [
+        pytest.param(  # one side is a prefix: TRL hands the shared assistant turn out as both "answers"
+            [msg("user", "Hi"), msg("assistant", "Hello!")],
+            [msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "Thanks"), msg("assistant", "Bye")],
+            {
+                "prompt": [msg("user", "Hi")],
+                "chosen": [msg("assistant", "Hello!")],
+                "rejected": [msg("assistant", "Hello!"), msg("user", "Thanks"), msg("assistant", "Bye")],
+            },
+            Reason.PREFIX_SIDES,
+            id="prefix",
+        ),
+        pytest.param(  # equal sides: TRL returns a "pair" of identical answers
+            [msg("user", "Hi"), msg("assistant", "Hello!")],
+            [msg("user", "Hi"), msg("assistant", "Hello!")],
+            {
+                "prompt": [msg("user", "Hi")],
+                "chosen": [msg("assistant", "Hello!")],
+                "rejected": [msg("assistant", "Hello!")],
+            },
+            Reason.PREFIX_SIDES,
+            id="equal",
+        ),
+        pytest.param(  # sides part before the last turn: TRL's answers contain user turns
+            [msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "Joke?"), msg("assistant", "Knock knock.")],
+            [msg("user", "Hi"), msg("assistant", "Go away."), msg("user", "Joke?"), msg("assistant", "No.")],
+            {
+                "prompt": [msg("user", "Hi")],
+                "chosen": [msg("assistant", "Hello!"), msg("user", "Joke?"), msg("assistant", "Knock knock.")],
+                "rejected": [msg("assistant", "Go away."), msg("user", "Joke?"), msg("assistant", "No.")],
+            },
+            Reason.DIVERGENT_PROMPT,
+            id="divergent",
+        ),
+    ],
+)
 def test_hh_rows_trl_gets_wrong_are_quarantined(chosen, rejected, trl_wrong, reason):
     from trl.data_utils import extract_prompt
 
@@ -180,8 +210,11 @@ def test_hh_prefix_sides_trl_on_strings_leaks_a_character_ours_quarantines():
 def test_hh_fast_path_equals_general_path_on_every_row():
     records = jsonl(HH_REAL) + jsonl(FIXTURES / "hh_edge_cases.jsonl")
     for record in records:
-        general = split_common_prefix(transcript_messages(record["chosen"], "chosen"),
-                                      transcript_messages(record["rejected"], "rejected"), single_answer=True)
+        general = split_common_prefix(
+            transcript_messages(record["chosen"], "chosen"),
+            transcript_messages(record["rejected"], "rejected"),
+            single_answer=True,
+        )
         fast = ADAPTERS["hh-rlhf"](record)
         assert (fast["prompt"], fast["chosen"], fast["rejected"]) == general
 
@@ -249,6 +282,7 @@ def test_hh_quarantine_raw_is_the_original_line():
 
 # ---------------------------------------------------------------- orca_dpo_pairs
 
+
 def test_orca_real_rows_empty_system_gives_no_system_turn():
     raws = jsonl(ORCA_REAL)
     result = read("orca_dpo_pairs", ORCA_REAL)
@@ -269,11 +303,14 @@ def test_orca_real_rows_keep_rejected_leading_space():
 
 
 def test_orca_bad_fields_quarantined_naming_the_field(tmp_path):
-    path = write_jsonl(tmp_path / "orca.jsonl", [
-        {"system": 3, "question": "Q", "chosen": "A", "rejected": "B"},
-        {"system": "S", "chosen": "A", "rejected": "B"},
-        {"question": "Q", "chosen": "A", "rejected": "B"},  # no system key: no system turn
-    ])
+    path = write_jsonl(
+        tmp_path / "orca.jsonl",
+        [
+            {"system": 3, "question": "Q", "chosen": "A", "rejected": "B"},
+            {"system": "S", "chosen": "A", "rejected": "B"},
+            {"question": "Q", "chosen": "A", "rejected": "B"},  # no system key: no system turn
+        ],
+    )
     result = read("orca_dpo_pairs", path)
     found = quarantined(result)
     assert found[0] == (Reason.WRONG_TYPE, "orca.jsonl:1: system: expected string or null, found number")
@@ -320,15 +357,22 @@ def test_ultrafeedback_mean_rating_leaves_out_na_ratings():
 
 def test_ultrafeedback_mean_rating_non_numeric_rating_is_wrong_type():
     found = quarantined(read("ultrafeedback", UF, options={"score": "mean_rating"}))
-    assert found[5] == (Reason.WRONG_TYPE, "ultrafeedback.jsonl:6: completions[0].annotations.helpfulness.Rating: "
-                                           "expected a number or 'N/A', found 'five'")
+    assert found[5] == (
+        Reason.WRONG_TYPE,
+        "ultrafeedback.jsonl:6: completions[0].annotations.helpfulness.Rating: "
+        "expected a number or 'N/A', found 'five'",
+    )
 
 
 def test_ultrafeedback_random_rejected_is_seeded_per_row_not_per_read():
     full = read("ultrafeedback", UF)
     assert read("ultrafeedback", UF, limit=1).accepted.equals(full.accepted.slice(0, 1))  # same pick in a shorter read
-    picks = {accepted(check(read_source(SourceConfig(name="s", format="ultrafeedback", path=str(UF)), seed=s)))[0]
-             ["rejected"][0]["content"] for s in range(12)}
+    picks = {
+        accepted(check(read_source(SourceConfig(name="s", format="ultrafeedback", path=str(UF)), seed=s)))[0][
+            "rejected"
+        ][0]["content"]
+        for s in range(12)
+    }
     assert len(picks) > 1 and picks <= {"7 is prime.", "9 is prime.", "Primes are boring."}
 
 
@@ -340,6 +384,7 @@ def test_ultrafeedback_random_without_rng_is_a_programming_error():
 
 
 # ---------------------------------------------------------------- ultrafeedback_binarized
+
 
 def test_binarized_real_tie_row_quarantined_by_default():
     result = read("ultrafeedback_binarized", UFB_REAL)
@@ -364,11 +409,14 @@ def test_binarized_fixture_prompt_is_common_prefix_bad_rows_quarantined():
     found = quarantined(result)
     assert found[1][0] == Reason.PREFIX_SIDES and "rejected (1 messages) is a prefix of chosen" in found[1][1]
     assert found[2][0] == Reason.DIVERGENT_PROMPT and "sides part at message 0" in found[2][1]
-    assert found[3] == (Reason.BAD_ROLE, "ultrafeedback_binarized.jsonl:4: chosen[1].role: 'tool' is not one of "
-                                         "system, user, assistant")
+    assert found[3] == (
+        Reason.BAD_ROLE,
+        "ultrafeedback_binarized.jsonl:4: chosen[1].role: 'tool' is not one of system, user, assistant",
+    )
 
 
 # ---------------------------------------------------------------- generic
+
 
 def test_generic_real_sharegpt_rows_map_roles_and_keep_text():
     raws = jsonl(SHAREGPT_REAL)
@@ -383,8 +431,11 @@ def test_generic_real_sharegpt_rows_map_roles_and_keep_text():
 
 def test_generic_fixture_each_row_shape_detected():
     rows = accepted(read("generic", FIXTURES / "generic.jsonl"))
-    assert (rows[0]["prompt"], rows[0]["chosen"], rows[0]["score_chosen"]) == \
-        ([msg("user", "2+2?")], [msg("assistant", "4")], 1.0)  # TRL strings + scores
+    assert (rows[0]["prompt"], rows[0]["chosen"], rows[0]["score_chosen"]) == (
+        [msg("user", "2+2?")],
+        [msg("assistant", "4")],
+        1.0,
+    )  # TRL strings + scores
     assert rows[1]["prompt"] == [msg("system", "Be brief."), msg("user", "2+2?")]  # prompt prefix removed
     assert rows[1]["chosen"] == [msg("assistant", "4")]
     assert (rows[2]["prompt"], rows[2]["rejected"]) == ([msg("user", "2+2?")], [msg("assistant", "22")])  # implicit
@@ -397,18 +448,28 @@ def test_generic_fixture_each_row_shape_detected():
 def test_generic_fixture_bad_rows_quarantined_naming_the_problem():
     found = quarantined(read("generic", FIXTURES / "generic.jsonl"))
     assert sorted(found) == [6, 7, 8, 9]
-    assert found[6] == (Reason.BAD_ROLE, "generic.jsonl:7: conversations[1].from: 'observation' is not one of "
-                                         "human, user, gpt, assistant, system")
+    assert found[6] == (
+        Reason.BAD_ROLE,
+        "generic.jsonl:7: conversations[1].from: 'observation' is not one of human, user, gpt, assistant, system",
+    )
     assert found[7][0] == Reason.BAD_TURN_ORDER and "prompt: must end with a user turn" in found[7][1]
     assert found[8][0] == Reason.MISSING_FIELD
-    for keys in ("conversations/chosen/rejected", "input/preferred_output/non_preferred_output",
-                 "question/response_j/response_k", "prompt/chosen/rejected", "found keys: ['bad', 'good'"):
+    for keys in (
+        "conversations/chosen/rejected",
+        "input/preferred_output/non_preferred_output",
+        "question/response_j/response_k",
+        "prompt/chosen/rejected",
+        "found keys: ['bad', 'good'",
+    ):
         assert keys in found[8][1]
-    assert found[9] == (Reason.WRONG_TYPE, "generic.jsonl:10: chosen: expected string or array of messages, "
-                                           "found object")
+    assert found[9] == (
+        Reason.WRONG_TYPE,
+        "generic.jsonl:10: chosen: expected string or array of messages, found object",
+    )
 
 
 # ---------------------------------------------------------------- readers, files, hub
+
 
 @pytest.fixture
 def orca_rows() -> list[dict]:
@@ -487,8 +548,13 @@ def test_read_source_relative_path_tries_cwd_then_base_dir(tmp_path, monkeypatch
 
 def test_read_source_input_records_name_format_path_digest_rows():
     result = read("orca_dpo_pairs", ORCA_REAL, limit=5)
-    assert result.input == {"name": "test/orca_dpo_pairs", "format": "orca_dpo_pairs", "path": str(ORCA_REAL),
-                            "sha256": hashlib.sha256(ORCA_REAL.read_bytes()).hexdigest(), "rows": 5}
+    assert result.input == {
+        "name": "test/orca_dpo_pairs",
+        "format": "orca_dpo_pairs",
+        "path": str(ORCA_REAL),
+        "sha256": hashlib.sha256(ORCA_REAL.read_bytes()).hexdigest(),
+        "rows": 5,
+    }
 
 
 def test_read_source_hub_calls_load_dataset_with_recipe_arguments(monkeypatch, orca_rows):
@@ -504,8 +570,12 @@ def test_read_source_hub_calls_load_dataset_with_recipe_arguments(monkeypatch, o
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     hub = {"path": "Intel/orca_dpo_pairs", "split": "train", "revision": "0123abc", "data_files": "train.jsonl"}
     result = check(read_source(SourceConfig(name="hub/orca", format="orca_dpo_pairs", hub=hub)))
-    assert calls == [("Intel/orca_dpo_pairs", {"name": None, "data_dir": None, "data_files": "train.jsonl",
-                                               "split": "train", "revision": "0123abc"})]
+    assert calls == [
+        (
+            "Intel/orca_dpo_pairs",
+            {"name": None, "data_dir": None, "data_files": "train.jsonl", "split": "train", "revision": "0123abc"},
+        )
+    ]
     assert result.input["hub"]["revision"] == "0123abc" and result.input["sha256"] == made[0]._fingerprint
     assert "path" not in result.input and result.rows_read == 12
     local = read("orca_dpo_pairs", ORCA_REAL, limit=12)
@@ -524,6 +594,7 @@ def test_read_source_hub_bad_row_raw_is_serialised_record(monkeypatch):
 
 # ---------------------------------------------------------------- limit, weight, determinism
 
+
 def test_read_source_limit_counts_bad_rows_but_not_blank_lines():
     result = read("hh-rlhf", FIXTURES / "hh_bad_rows.jsonl", limit=5)
     assert result.rows_read == 5
@@ -535,24 +606,29 @@ def test_read_source_weight_keeps_seeded_fraction_rest_downsampled():
     assert 110 < result.accepted.num_rows < 190
     assert set(result.quarantine["reason"].to_pylist()) == {Reason.DOWNSAMPLED}
     assert "not drawn at weight 0.5 (seed 42" in result.quarantine["detail"][0].as_py()
-    other_seed = check(read_source(SourceConfig(name="test/hh-rlhf", format="hh-rlhf", path=str(HH_REAL),
-                                                weight=0.5), seed=7))
+    other_seed = check(
+        read_source(SourceConfig(name="test/hh-rlhf", format="hh-rlhf", path=str(HH_REAL), weight=0.5), seed=7)
+    )
     assert set(other_seed.accepted["id"].to_pylist()) != set(result.accepted["id"].to_pylist())
 
 
 def test_read_source_weight_draw_follows_row_content_not_position(tmp_path):
     reversed_path = tmp_path / "reversed.jsonl"
-    reversed_path.write_text("".join(reversed(HH_REAL.read_text(encoding="utf-8").splitlines(keepends=True))),
-                             encoding="utf-8")
+    reversed_path.write_text(
+        "".join(reversed(HH_REAL.read_text(encoding="utf-8").splitlines(keepends=True))), encoding="utf-8"
+    )
     kept = set(read("hh-rlhf", HH_REAL, weight=0.3).accepted["id"].to_pylist())
     assert kept == set(read("hh-rlhf", reversed_path, weight=0.3).accepted["id"].to_pylist())
 
 
-@pytest.mark.parametrize("fmt, path, options", [
-    ("hh-rlhf", HH_REAL, {}),
-    ("ultrafeedback", UF, {"rejected": "random"}),
-    ("generic", FIXTURES / "generic.jsonl", {}),
-])
+@pytest.mark.parametrize(
+    "fmt, path, options",
+    [
+        ("hh-rlhf", HH_REAL, {}),
+        ("ultrafeedback", UF, {"rejected": "random"}),
+        ("generic", FIXTURES / "generic.jsonl", {}),
+    ],
+)
 def test_read_source_same_input_and_seed_gives_identical_tables(fmt, path, options):
     first = read(fmt, path, weight=0.7, options=options)
     second = read(fmt, path, weight=0.7, options=options)
@@ -612,4 +688,6 @@ def test_read_source_large_file_parallel_parts_equal_serial_read(tmp_path, monke
     assert parallel.accepted.equals(serial.accepted) and parallel.quarantine.equals(serial.quarantine)
     assert parallel.rows_read == serial.rows_read == 301
     assert parallel.input == serial.input
-    assert serial.quarantine.filter(pc.equal(serial.quarantine["reason"], "invalid_json"))["source_row"].to_pylist() == [120]
+    assert serial.quarantine.filter(pc.equal(serial.quarantine["reason"], "invalid_json"))[
+        "source_row"
+    ].to_pylist() == [120]

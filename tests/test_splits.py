@@ -10,7 +10,7 @@ from rows import row, table
 
 from schemas.preference import PREFERENCE_SCHEMA, QUARANTINE_SCHEMA
 from schemas.recipe import load_recipe
-from tasks.splits import build_dataset, publish, split_rows, holdout_mask
+from tasks.splits import build_dataset, holdout_mask, publish, split_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,9 @@ def test_build_dataset_config_change_gives_new_version(tiny_dataset, tmp_path):
 
 
 def test_build_dataset_decontaminated_prompts_absent_from_train(tiny_recipe, tiny_dataset):
-    evals = {p.strip().casefold() for p in Path(tiny_recipe.data.decontaminate[0]).read_text().splitlines() if p.strip()}
+    evals = {
+        p.strip().casefold() for p in Path(tiny_recipe.data.decontaminate[0]).read_text().splitlines() if p.strip()
+    }
     train = pq.read_table(tiny_dataset / "train.parquet").to_pylist()
     assert not [r for r in train if r["prompt"][-1]["content"].strip().casefold() in evals]
 
@@ -87,7 +89,9 @@ def test_publish_when_version_already_published_discards_temp(tmp_path):
 def test_build_dataset_missing_source_file_names_source_and_path(tmp_path):
     from schemas.recipe import parse_recipe
 
-    r = parse_recipe({"name": "t", "sources": [{"name": "gone", "format": "generic", "path": str(tmp_path / "no.jsonl")}]})
+    r = parse_recipe(
+        {"name": "t", "sources": [{"name": "gone", "format": "generic", "path": str(tmp_path / "no.jsonl")}]}
+    )
     with pytest.raises(FileNotFoundError, match=r"gone.*no\.jsonl"):
         build_dataset(r, tmp_path)
     assert not list(tmp_path.glob(".tmp-*"))

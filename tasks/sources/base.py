@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from schemas.preference import ROLES, Reason
 
 _ROLES = frozenset(ROLES)
 # Names in the data's own terms (JSON), so a detail reads "expected string, found array".
-_JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
-               list: "array", dict: "object"}
+_JSON_TYPES = {
+    type(None): "null",
+    bool: "boolean",
+    int: "number",
+    float: "number",
+    str: "string",
+    list: "array",
+    dict: "object",
+}
 
 
 class RowError(ValueError):
@@ -117,8 +125,9 @@ def messages(value: Any, field: str) -> list[dict]:
     return out
 
 
-def split_common_prefix(chosen: list[dict], rejected: list[dict],
-                        single_answer: bool = False) -> tuple[list[dict], list[dict], list[dict]]:
+def split_common_prefix(
+    chosen: list[dict], rejected: list[dict], single_answer: bool = False
+) -> tuple[list[dict], list[dict], list[dict]]:
     """TRL's implicit prompt: the longest common prefix of the two message lists, made strict.
 
     Quarantines what ``trl.data_utils.extract_prompt`` gets wrong or lets through: one side a prefix of
@@ -134,14 +143,20 @@ def split_common_prefix(chosen: list[dict], rejected: list[dict],
         if len(chosen) == len(rejected):
             raise RowError(Reason.PREFIX_SIDES, f"chosen and rejected are the same {n} messages")
         short, long_ = ("chosen", "rejected") if len(chosen) < len(rejected) else ("rejected", "chosen")
-        raise RowError(Reason.PREFIX_SIDES, f"{short} ({n} messages) is a prefix of {long_} "
-                       f"({max(len(chosen), len(rejected))} messages): no answer to compare")
+        raise RowError(
+            Reason.PREFIX_SIDES,
+            f"{short} ({n} messages) is a prefix of {long_} "
+            f"({max(len(chosen), len(rejected))} messages): no answer to compare",
+        )
     answer_c, answer_r = chosen[k:], rejected[k:]
     multi = single_answer and (len(answer_c) != 1 or len(answer_r) != 1)
     if multi or any(m["role"] != "assistant" for m in answer_c) or any(m["role"] != "assistant" for m in answer_r):
-        raise RowError(Reason.DIVERGENT_PROMPT, f"sides part at message {k} ({chosen[k]['role']} vs "
-                       f"{rejected[k]['role']}) and continue with {_roles(answer_c)} vs {_roles(answer_r)}; "
-                       f"expected {'one' if single_answer else 'only'} assistant turn(s) after the common prompt")
+        raise RowError(
+            Reason.DIVERGENT_PROMPT,
+            f"sides part at message {k} ({chosen[k]['role']} vs "
+            f"{rejected[k]['role']}) and continue with {_roles(answer_c)} vs {_roles(answer_r)}; "
+            f"expected {'one' if single_answer else 'only'} assistant turn(s) after the common prompt",
+        )
     prompt = chosen[:k]
     check_prompt(prompt)
     return prompt, answer_c, answer_r
@@ -155,8 +170,10 @@ def check_prompt(prompt: list[dict], field: str = "prompt") -> None:
     if not prompt:
         raise RowError(Reason.BAD_TURN_ORDER, f"{field}: no turns before the answers")
     if prompt[-1]["role"] != "user":
-        raise RowError(Reason.BAD_TURN_ORDER, f"{field}: must end with a user turn, ends with "
-                       f"{prompt[-1]['role']} (turns {_roles(prompt)})")
+        raise RowError(
+            Reason.BAD_TURN_ORDER,
+            f"{field}: must end with a user turn, ends with {prompt[-1]['role']} (turns {_roles(prompt)})",
+        )
 
 
 def check_answer(answer: list[dict], field: str) -> None:
@@ -167,14 +184,24 @@ def check_answer(answer: list[dict], field: str) -> None:
             raise RowError(Reason.BAD_TURN_ORDER, f"{field}[{i}]: expected an assistant turn, found {m['role']}")
 
 
-def pair(prompt: list[dict], chosen: list[dict], rejected: list[dict],
-         score_chosen: float | None = None, score_rejected: float | None = None) -> dict:
+def pair(
+    prompt: list[dict],
+    chosen: list[dict],
+    rejected: list[dict],
+    score_chosen: float | None = None,
+    score_rejected: float | None = None,
+) -> dict:
     """The adapter result, after the canonical turn-order checks."""
     check_prompt(prompt)
     check_answer(chosen, "chosen")
     check_answer(rejected, "rejected")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "score_chosen": score_chosen, "score_rejected": score_rejected}
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "score_chosen": score_chosen,
+        "score_rejected": score_rejected,
+    }
 
 
 def typed(options: Any, model: type) -> Any:

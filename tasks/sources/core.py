@@ -13,21 +13,36 @@ import multiprocessing
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 
 from schemas.data_config import SourceConfig
-from schemas.preference import (MESSAGES, PREFERENCE_SCHEMA, QUARANTINE_SCHEMA, Reason, content_id, content_ids,
-                                prompt_hashes)
+from schemas.preference import (
+    MESSAGES,
+    PREFERENCE_SCHEMA,
+    QUARANTINE_SCHEMA,
+    Reason,
+    content_id,
+    content_ids,
+    prompt_hashes,
+)
 from tasks.preload import wait_for_background_imports
 from tasks.sources.base import RowError
-from tasks.sources.readers import (file_sha256, hub_fingerprint, hub_records, json_lines_range, line_ranges,
-                                   load_hub, read_records, resolve_path)
+from tasks.sources.readers import (
+    file_sha256,
+    hub_fingerprint,
+    hub_records,
+    json_lines_range,
+    line_ranges,
+    load_hub,
+    read_records,
+    resolve_path,
+)
 from tasks.sources.registry import get_adapter
 
 # Rows per Arrow chunk: bounds the Python lists and keeps string arrays far below 2 GiB. Small enough
@@ -45,8 +60,9 @@ class SourceResult:
     input: dict  # name, format, path | hub, sha256 (file bytes; hub: dataset fingerprint), rows
 
 
-def read_source(cfg: SourceConfig, base_dir: Path | None = None, seed: int = 42,
-                while_parsing: Callable[[], object] | None = None) -> SourceResult:
+def read_source(
+    cfg: SourceConfig, base_dir: Path | None = None, seed: int = 42, while_parsing: Callable[[], object] | None = None
+) -> SourceResult:
     """Read ``cfg`` (a local file or a hub dataset) through its format's adapter.
 
     ``cfg.limit`` reads only the first N rows; ``cfg.weight`` < 1 keeps a seeded fraction of the rows
@@ -70,7 +86,10 @@ def read_source(cfg: SourceConfig, base_dir: Path | None = None, seed: int = 42,
 
     with closing(rows):
         if len(ranges) > 1:
-            with _fork_pool(len(ranges)) as pool, tempfile.TemporaryDirectory(prefix="align-parse-", dir=_spool_dir(path.stat().st_size)) as spool:
+            with (
+                _fork_pool(len(ranges)) as pool,
+                tempfile.TemporaryDirectory(prefix="align-parse-", dir=_spool_dir(path.stat().st_size)) as spool,
+            ):
                 pending = pool.starmap_async(_convert_range, [(cfg, path, r, seed, spool) for r in ranges])
                 location["sha256"] = file_sha256(path)  # while the workers parse
                 if while_parsing is not None:
@@ -122,14 +141,13 @@ def _spool_dir(input_bytes: int) -> str | None:
     return "/dev/shm" if shm.f_bavail * shm.f_frsize > 2 * input_bytes else None
 
 
-def _convert_range(cfg: SourceConfig, path: Path, byte_range: tuple[int, int], seed: int,
-                   spool: str) -> "_Collector":
+def _convert_range(cfg: SourceConfig, path: Path, byte_range: tuple[int, int], seed: int, spool: str) -> _Collector:
     out = _convert(json_lines_range(path, *byte_range), cfg, path.name, seed)
     out.spool(spool)
     return out
 
 
-def _convert(rows, cfg: SourceConfig, label: str, seed: int) -> "_Collector":
+def _convert(rows, cfg: SourceConfig, label: str, seed: int) -> _Collector:
     """Run raw rows through the source's adapter, collecting accepted and quarantined rows.
 
     Ids and prompt hashes are computed column-wise when the collector flushes; a row only needs its id
@@ -154,13 +172,21 @@ def _convert(rows, cfg: SourceConfig, label: str, seed: int) -> "_Collector":
             try:
                 row_id = content_id(row["prompt"], row["chosen"], row["rejected"])
             except UnicodeEncodeError as e:  # a lone surrogate from a "\ud800" escape: not writable text
-                out.quarantine(source_row, Reason.INVALID_UTF8,
-                               f"{_where(label, source_row, raw)}: unpaired surrogate escape in the text ({e.reason})",
-                               raw if raw is not None else json.dumps(record, default=str))  # ASCII: writable
+                out.quarantine(
+                    source_row,
+                    Reason.INVALID_UTF8,
+                    f"{_where(label, source_row, raw)}: unpaired surrogate escape in the text ({e.reason})",
+                    raw if raw is not None else json.dumps(record, default=str),
+                )  # ASCII: writable
                 continue
             if per_row and _draw(row_id, seed) >= weight:
-                out.quarantine(source_row, Reason.DOWNSAMPLED,
-                               f"not drawn at weight {weight} (seed {seed}, id {row_id})", raw, record)
+                out.quarantine(
+                    source_row,
+                    Reason.DOWNSAMPLED,
+                    f"not drawn at weight {weight} (seed {seed}, id {row_id})",
+                    raw,
+                    record,
+                )
                 continue
         out.accept(source_row, row)
     return out
@@ -225,15 +251,17 @@ class _Collector:
         if len(self.source_rows) >= _CHUNK:
             self._flush()
 
-    def quarantine(self, source_row: int, reason: Reason, detail: str, raw: str | None,
-                   record: dict | None = None) -> None:
+    def quarantine(
+        self, source_row: int, reason: Reason, detail: str, raw: str | None, record: dict | None = None
+    ) -> None:
         self.rows_read += 1
         self.q_rows.append(source_row)
         self.q_reasons.append(str(reason))
         self.q_details.append(detail)
         # The original row as JSON text: its own line where the source has lines, else serialised.
-        self.q_raw.append(raw.rstrip("\r\n") if raw is not None
-                          else json.dumps(record, ensure_ascii=False, default=str))
+        self.q_raw.append(
+            raw.rstrip("\r\n") if raw is not None else json.dumps(record, ensure_ascii=False, default=str)
+        )
 
     def _flush(self) -> None:
         if not self.source_rows:
@@ -241,8 +269,9 @@ class _Collector:
         n = len(self.source_rows)
         lists = {}
         for key, (offsets, roles, contents) in self.messages.items():
-            values = pa.StructArray.from_arrays([pa.array(roles, pa.string()), pa.array(contents, pa.string())],
-                                                fields=list(MESSAGES.value_type))
+            values = pa.StructArray.from_arrays(
+                [pa.array(roles, pa.string()), pa.array(contents, pa.string())], fields=list(MESSAGES.value_type)
+            )
             lists[key] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, type=MESSAGES)
         columns = {
             "id": pa.array(content_ids(lists["prompt"], lists["chosen"], lists["rejected"]), pa.string()),
@@ -273,7 +302,7 @@ class _Collector:
             self.spooled = None
 
     @classmethod
-    def merge(cls, source: str, parts: list["_Collector"]) -> "_Collector":
+    def merge(cls, source: str, parts: list[_Collector]) -> _Collector:
         """Parts of one source, in order, as one collector."""
         out = cls(source)
         for part in parts:
@@ -290,7 +319,14 @@ class _Collector:
     def tables(self) -> tuple[pa.Table, pa.Table]:
         self._flush()
         accepted = pa.Table.from_batches(self.batches, schema=PREFERENCE_SCHEMA)
-        quarantine = pa.Table.from_pydict({
-            "source": [self.source] * len(self.q_rows), "source_row": self.q_rows, "reason": self.q_reasons,
-            "detail": self.q_details, "raw": self.q_raw}, schema=QUARANTINE_SCHEMA)
+        quarantine = pa.Table.from_pydict(
+            {
+                "source": [self.source] * len(self.q_rows),
+                "source_row": self.q_rows,
+                "reason": self.q_reasons,
+                "detail": self.q_details,
+                "raw": self.q_raw,
+            },
+            schema=QUARANTINE_SCHEMA,
+        )
         return accepted, quarantine

@@ -15,12 +15,28 @@ A row of none of these shapes is MISSING_FIELD naming the keys each shape needs.
 from __future__ import annotations
 
 from schemas.preference import Reason
-from tasks.sources.base import (RowError, assistant, messages, optional_str, pair, require, require_str, score,
-                                split_common_prefix, type_name, user, wrong_type)
+from tasks.sources.base import (
+    RowError,
+    assistant,
+    messages,
+    optional_str,
+    pair,
+    require,
+    require_str,
+    score,
+    split_common_prefix,
+    type_name,
+    user,
+    wrong_type,
+)
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-SHAPES = ("conversations/chosen/rejected (ShareGPT)", "input/preferred_output/non_preferred_output (OpenAI)",
-          "question/response_j/response_k (stack-exchange-paired)", "prompt/chosen/rejected (TRL)")
+SHAPES = (
+    "conversations/chosen/rejected (ShareGPT)",
+    "input/preferred_output/non_preferred_output (OpenAI)",
+    "question/response_j/response_k (stack-exchange-paired)",
+    "prompt/chosen/rejected (TRL)",
+)
 
 
 def sharegpt_message(value, field: str) -> dict:
@@ -53,13 +69,19 @@ def parse_sharegpt(record: dict) -> dict:
 def parse_openai(record: dict) -> dict:
     inputs = require(record, "input", dict)
     prompt = messages(require(inputs, "messages", list, "input.messages"), "input.messages")
-    return pair(prompt, messages(require(record, "preferred_output", list), "preferred_output"),
-                messages(require(record, "non_preferred_output", list), "non_preferred_output"))
+    return pair(
+        prompt,
+        messages(require(record, "preferred_output", list), "preferred_output"),
+        messages(require(record, "non_preferred_output", list), "non_preferred_output"),
+    )
 
 
 def parse_stack_exchange(record: dict) -> dict:
-    return pair([user(require_str(record, "question"))], [assistant(require_str(record, "response_j"))],
-                [assistant(require_str(record, "response_k"))])
+    return pair(
+        [user(require_str(record, "question"))],
+        [assistant(require_str(record, "response_j"))],
+        [assistant(require_str(record, "response_k"))],
+    )
 
 
 def _turns(record: dict, key: str, as_role) -> list[dict] | None:
@@ -83,8 +105,11 @@ def parse_trl(record: dict) -> dict:
     scores = score(record, "score_chosen"), score(record, "score_rejected")
     if prompt is None:
         if not (isinstance(record["chosen"], list) and isinstance(record["rejected"], list)):
-            raise RowError(Reason.MISSING_FIELD, "missing field 'prompt' (needed unless chosen and rejected "
-                           f"are message lists that share it; found keys: {sorted(record)})")
+            raise RowError(
+                Reason.MISSING_FIELD,
+                "missing field 'prompt' (needed unless chosen and rejected "
+                f"are message lists that share it; found keys: {sorted(record)})",
+            )
         return pair(*split_common_prefix(chosen, rejected), *scores)
     n = len(prompt)
     if len(chosen) > n and len(rejected) > n and chosen[:n] == prompt and rejected[:n] == prompt:
@@ -101,5 +126,7 @@ def parse(record: dict, options=None, rng=None) -> dict:
         return parse_stack_exchange(record)
     if "chosen" in record or "rejected" in record or "prompt" in record:
         return parse_trl(record)
-    raise RowError(Reason.MISSING_FIELD, f"no known row shape; expected one of: {'; '.join(SHAPES)} "
-                   f"(found keys: {sorted(record)})")
+    raise RowError(
+        Reason.MISSING_FIELD,
+        f"no known row shape; expected one of: {'; '.join(SHAPES)} (found keys: {sorted(record)})",
+    )

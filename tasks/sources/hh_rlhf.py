@@ -61,17 +61,31 @@ def parse(record: dict, options=None, rng=None) -> dict:
     # (~30% less time per row) and gives exactly the general path's result (markers cannot overlap
     # each other; tests compare the two on every real row); anything else takes the general path.
     i = chosen.rfind(ASSISTANT)
-    if i > 0 and i == rejected.rfind(ASSISTANT) and chosen.startswith(HUMAN) \
-            and not chosen.endswith(_TRAILING) and not rejected.endswith(_TRAILING):
+    if (
+        i > 0
+        and i == rejected.rfind(ASSISTANT)
+        and chosen.startswith(HUMAN)
+        and not chosen.endswith(_TRAILING)
+        and not rejected.endswith(_TRAILING)
+    ):
         prompt_text = chosen[:i]
-        answer_c, answer_r = chosen[i + _A:], rejected[i + _A:]
-        if rejected.startswith(prompt_text) and answer_c != answer_r \
-                and HUMAN not in answer_c and HUMAN not in answer_r:
+        answer_c, answer_r = chosen[i + _A :], rejected[i + _A :]
+        if (
+            rejected.startswith(prompt_text)
+            and answer_c != answer_r
+            and HUMAN not in answer_c
+            and HUMAN not in answer_r
+        ):
             prompt = _cut(prompt_text.split(HUMAN))
             if prompt[-1]["role"] == "user":
-                return {"prompt": prompt, "chosen": [{"role": "assistant", "content": answer_c}],
-                        "rejected": [{"role": "assistant", "content": answer_r}],
-                        "score_chosen": None, "score_rejected": None}
+                return {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": answer_c}],
+                    "rejected": [{"role": "assistant", "content": answer_r}],
+                    "score_chosen": None,
+                    "score_rejected": None,
+                }
     prompt, answer_c, answer_r = split_common_prefix(
-        transcript_messages(chosen, "chosen"), transcript_messages(rejected, "rejected"), single_answer=True)
+        transcript_messages(chosen, "chosen"), transcript_messages(rejected, "rejected"), single_answer=True
+    )
     return {"prompt": prompt, "chosen": answer_c, "rejected": answer_r, "score_chosen": None, "score_rejected": None}

@@ -10,7 +10,10 @@ def parse(record: dict, options=None, rng=None) -> dict:
     system = optional_str(record, "system")  # absent, null and "" all mean "no system turn"
     prompt = [{"role": "system", "content": system}] if system else []
     prompt.append(user(require_str(record, "question")))
-    return {"prompt": prompt,
-            "chosen": [assistant(require_str(record, "chosen"))],
-            "rejected": [assistant(require_str(record, "rejected"))],
-            "score_chosen": None, "score_rejected": None}
+    return {
+        "prompt": prompt,
+        "chosen": [assistant(require_str(record, "chosen"))],
+        "rejected": [assistant(require_str(record, "rejected"))],
+        "score_chosen": None,
+        "score_rejected": None,
+    }

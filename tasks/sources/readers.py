@@ -18,8 +18,9 @@ import gzip
 import hashlib
 import io
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO
 
 from schemas.data_config import HubSource
 from schemas.preference import Reason
@@ -121,8 +122,12 @@ def _json_lines(f: Iterable[bytes], label: str, first_line: int = 0) -> Iterator
         try:
             text = line.decode("utf-8-sig" if i == 0 else "utf-8")  # a byte-order mark is not data
         except UnicodeDecodeError as e:
-            yield i, None, line.decode("utf-8", "backslashreplace"), (
-                Reason.INVALID_UTF8, f"{label}:{i + 1}: not valid UTF-8 ({e.reason} at byte {e.start})")
+            yield (
+                i,
+                None,
+                line.decode("utf-8", "backslashreplace"),
+                (Reason.INVALID_UTF8, f"{label}:{i + 1}: not valid UTF-8 ({e.reason} at byte {e.start})"),
+            )
             continue
         try:
             try:
@@ -139,8 +144,12 @@ def _json_lines(f: Iterable[bytes], label: str, first_line: int = 0) -> Iterator
         if type(record) is dict:
             yield i, record, text, None
         else:
-            yield i, None, text, (Reason.WRONG_TYPE,
-                                  f"{label}:{i + 1}: expected a JSON object, found {type_name(record)}")
+            yield (
+                i,
+                None,
+                text,
+                (Reason.WRONG_TYPE, f"{label}:{i + 1}: expected a JSON object, found {type_name(record)}"),
+            )
 
 
 def _json_file(path: Path) -> Iterator[RawRow]:
@@ -168,8 +177,12 @@ def _json_file(path: Path) -> Iterator[RawRow]:
         if type(record) is dict:
             yield i, record, None, None
         else:
-            yield i, None, json.dumps(record, ensure_ascii=False), (
-                Reason.WRONG_TYPE, f"{path.name}[{i}]: expected a JSON object, found {type_name(record)}")
+            yield (
+                i,
+                None,
+                json.dumps(record, ensure_ascii=False),
+                (Reason.WRONG_TYPE, f"{path.name}[{i}]: expected a JSON object, found {type_name(record)}"),
+            )
 
 
 def _parquet(path: Path, batch_size: int = 8192) -> Iterator[RawRow]:
@@ -187,8 +200,14 @@ def load_hub(hub: HubSource):
     """``datasets.load_dataset`` with the recipe's arguments (one split, a pinned revision if given)."""
     import datasets  # imported here: slow to import, and only hub sources need it
 
-    return datasets.load_dataset(hub.path, name=hub.name, data_dir=hub.data_dir, data_files=hub.data_files,
-                                 split=hub.split, revision=hub.revision)
+    return datasets.load_dataset(
+        hub.path,
+        name=hub.name,
+        data_dir=hub.data_dir,
+        data_files=hub.data_files,
+        split=hub.split,
+        revision=hub.revision,
+    )
 
 
 def hub_records(dataset, batch_size: int = 1000) -> Iterator[RawRow]:

@@ -74,8 +74,10 @@ def parse(record: dict, options=None, rng=None) -> dict:
         if value is not None:
             scored.append((value, require_str(completion, "response", f"{field}.response")))
     if len(scored) < 2:
-        raise RowError(Reason.TOO_FEW_COMPLETIONS, f"{len(scored)} of {len(completions)} completions have a "
-                       f"score ({options.score}); a pair needs 2")
+        raise RowError(
+            Reason.TOO_FEW_COMPLETIONS,
+            f"{len(scored)} of {len(completions)} completions have a score ({options.score}); a pair needs 2",
+        )
     top = max(s for s, _ in scored)
     chosen = next(c for c in scored if c[0] == top)
     lower = [c for c in scored if c[0] < top]
@@ -87,5 +89,10 @@ def parse(record: dict, options=None, rng=None) -> dict:
         raise ValueError("ultrafeedback with options.rejected='random' needs the per-row rng (read_source passes it)")
     else:
         rejected = rng.choice(lower)
-    return {"prompt": [user(instruction)], "chosen": [assistant(chosen[1])], "rejected": [assistant(rejected[1])],
-            "score_chosen": chosen[0], "score_rejected": rejected[0]}
+    return {
+        "prompt": [user(instruction)],
+        "chosen": [assistant(chosen[1])],
+        "rejected": [assistant(rejected[1])],
+        "score_chosen": chosen[0],
+        "score_rejected": rejected[0],
+    }

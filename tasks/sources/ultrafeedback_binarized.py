@@ -15,9 +15,15 @@ from tasks.sources.base import RowError, messages, require, score, split_common_
 def parse(record: dict, options=None, rng=None) -> dict:
     options = typed(options, BinarizedOptions)
     prompt, chosen, rejected = split_common_prefix(
-        messages(require(record, "chosen", list), "chosen"), messages(require(record, "rejected", list), "rejected"))
+        messages(require(record, "chosen", list), "chosen"), messages(require(record, "rejected", list), "rejected")
+    )
     score_chosen, score_rejected = score(record, "score_chosen"), score(record, "score_rejected")
     if score_chosen is not None and score_chosen == score_rejected and not options.keep_ties:
         raise RowError(Reason.TIE, f"score_chosen == score_rejected == {score_chosen} (options.keep_ties keeps ties)")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "score_chosen": score_chosen, "score_rejected": score_rejected}
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "score_chosen": score_chosen,
+        "score_rejected": score_rejected,
+    }
