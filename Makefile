@@ -16,7 +16,7 @@ export PREFECT_HOME ?= $(CURDIR)/.align/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: install test demo up status down ingest align bench clean
+.PHONY: install lint test demo up status down ingest align bench clean
 
 install: $(STAMP)
 
@@ -29,7 +29,12 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/uv pip install --python $(VPY) --compile-bytecode -q -e ".[dev]"
 	touch $(STAMP)
 
-test: install
+# Ruff (format + lint, settings in pyproject.toml) runs first, so CI holds it.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install lint
 	$(VPY) -m pytest -n 2 --timeout 900 $(PYTEST_ARGS)
 
 ingest: install
@@ -38,22 +43,22 @@ ingest: install
 align: install
 	$(VPY) -m flows.align --recipe $(RECIPE)
 
-# Services (scripts/services.py): Prefect server + MLflow server on 127.0.0.1, pools cpu/gpu, deployments,
+# Services (scripts/: services.py, demo.py; `python -m scripts`): Prefect server + MLflow server on 127.0.0.1, pools cpu/gpu, deployments,
 # workers; state (SQLite DBs, PIDs, logs) under .align/. `demo` reuses whatever already runs.
 demo: install
-	$(VPY) scripts/services.py demo --recipe $(RECIPE)
+	$(VPY) -m scripts demo --recipe $(RECIPE)
 
 up: install
-	$(VPY) scripts/services.py up
+	$(VPY) -m scripts up
 
 status:
-	@$(VPY) scripts/services.py status
+	@$(VPY) -m scripts status
 
 down:
-	$(VPY) scripts/services.py down
+	$(VPY) -m scripts down
 
 bench: install
-	$(VPY) benchmarks/ingest.py
+	$(VPY) -m benchmarks.ingest
 
 clean:
 	rm -rf data runs .align mlruns

@@ -1,7 +1,7 @@
 """Benchmark (not a test): CAI generation throughput, batched HFGenerator vs a plain per-prompt generate loop.
 
-    .venv/bin/python benchmarks/cai_generation.py                      # CPU, tiny model (recipes/tiny.yaml)
-    .venv/bin/python benchmarks/cai_generation.py --shape 0.5b         # GPU: Qwen2-0.5B shape, random init, bf16
+    .venv/bin/python -m benchmarks.cai_generation                      # CPU, tiny model (recipes/tiny.yaml)
+    .venv/bin/python -m benchmarks.cai_generation --shape 0.5b         # GPU: Qwen2-0.5B shape, random init, bf16
 
 Both sides run the same three CAI rounds (initial → critique → revision) on the same prompts with the same
 settings; stop strings are off and eos is suppressed (min_new_tokens = max_new_tokens) so every row
@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 QWEN_05B = dict(
     hidden_size=896,
@@ -35,8 +33,8 @@ def build_model(shape: str, work: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from schemas.recipe import load_recipe
-    from tasks.models import bootstrap_tiny, load_tokenizer
-    from tasks.splits import build_dataset
+    from tasks.data.dataset import build_dataset
+    from tasks.training.models import bootstrap_tiny, load_tokenizer
 
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml")
     ds = build_dataset(recipe, work / "data").path
@@ -91,7 +89,7 @@ def plain_loop(model, tokenizer, settings):
     """The baseline: one generate call per conversation, no padding, no batching."""
     import torch
 
-    from tasks.generation import GenOutput
+    from tasks.training.generation import GenOutput
 
     def generate(convs):
         outs = []
@@ -128,12 +126,12 @@ def main() -> None:
 
     import torch
 
-    from schemas.cai_config import GenerationConfig
+    from schemas.cai_config import GenerationSpec
     from schemas.constitution import load_constitution
-    from tasks.generation import HFGenerator
+    from tasks.training.generation import HFGenerator
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    settings = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=0.7)
+    settings = GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=0.7)
     principle = load_constitution(ROOT / "recipes" / "constitutions" / "hhh.yaml").principles[0]
     with tempfile.TemporaryDirectory() as work:
         model, tokenizer, _ = build_model(args.shape, Path(work))

@@ -1,6 +1,6 @@
 """Benchmark: the demo path end to end, and where its time goes.
 
-    .venv/bin/python benchmarks/demo.py [--recipe recipes/tiny.yaml]
+    .venv/bin/python -m benchmarks.demo [--recipe recipes/tiny.yaml]
 
 On a private state folder, free ports and empty data/runs folders (so the first run really trains):
 services up (Prefect + MLflow servers, pools, deploy, workers), `align/full` once (cold), and again
@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def free_port() -> int:
@@ -43,7 +41,7 @@ def task_seconds(flow_run_id) -> float:
 
 
 def timed_run(svc, recipe: str, params: dict) -> dict:
-    from demo import follow, start_run
+    from scripts.demo import follow, start_run
 
     t0 = time.perf_counter()
     run = start_run("align/full", {"recipe": recipe, **params})
@@ -56,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "tiny.yaml"))
     args = parser.parse_args()
-    from services import Services
+    from scripts.services import Services
 
     state = Path(tempfile.mkdtemp(prefix="align-bench-"))
     svc = Services(

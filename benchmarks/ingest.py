@@ -1,13 +1,13 @@
 """Ingest benchmark: our whole data path vs the usual `datasets.map` conversion, same rows, same run.
 
-    .venv/bin/python benchmarks/ingest.py [--rows 160000]
+    .venv/bin/python -m benchmarks.ingest [--rows 160000]
 
 Builds N unique hh-rlhf rows (the real rows in ../shared/data, each made unique by a counter in its first
 human turn), then times two whole processes on them:
 - baseline: `datasets.load_dataset("json")` + `.map` with TRL's example hh-rlhf conversion
   (examples/datasets/hh-rlhf-helpful-base.py: string common prefix, regex split), `num_proc=2`, to Parquet;
   it neither validates nor quarantines.
-- ours: `tasks.splits.build_dataset` (parse, clean, dedupe, split, Great Expectations contract with Data
+- ours: `tasks.data.dataset.build_dataset` (parse, clean, dedupe, split, Great Expectations contract with Data
   Docs, atomic Parquet write, manifest).
 Wall time includes interpreter start and imports; peak RSS is each process's own (os.wait4).
 """
@@ -79,7 +79,7 @@ def run_baseline(rows: Path, out: Path) -> None:
 
 def run_ours(rows: Path, out: Path) -> None:
     from schemas.recipe import parse_recipe, resolve_paths
-    from tasks.splits import build_dataset
+    from tasks.data.dataset import build_dataset
 
     recipe = parse_recipe(
         {

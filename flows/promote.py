@@ -23,7 +23,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 
 from schemas.recipe import load_recipe
-from tasks import registry, tracking
+from tasks.registry import tracking
+from tasks.registry import versions as registry
 
 
 @flow(name="promote", log_prints=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.dispatch import GPU_TAG, STAGE_FUNCTIONS, run_request
+from tasks.runtime.dispatch import GPU_TAG, STAGE_FUNCTIONS, run_request
 
 
 @task(

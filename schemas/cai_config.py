@@ -21,7 +21,7 @@ from pydantic import Field
 from schemas.data_config import SourceConfig, Strict
 
 
-class GenerationConfig(Strict):
+class GenerationSpec(Strict):
     max_new_tokens: int = Field(64, gt=0)
     temperature: float = Field(0.7, ge=0, description="0 = greedy decoding")
     top_p: float = Field(0.95, gt=0, le=1)
@@ -71,5 +71,5 @@ class CAIConfig(Strict):
         None, description="model for critique and revision (RLAIF with a stronger model); empty = `model`"
     )
     backend: Literal["hf", "vllm"] = "hf"
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
     mix: MixConfig = Field(default_factory=MixConfig)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-# The adapter names; tasks/sources.py registers exactly these (a test keeps the two in step).
+# The adapter names; tasks/data/sources/formats.py registers exactly these (a test keeps the two in step).
 SourceFormat = Literal["hh-rlhf", "orca_dpo_pairs", "ultrafeedback", "ultrafeedback_binarized", "generic"]
 
 

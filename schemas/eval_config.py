@@ -30,7 +30,7 @@ GateOp = Literal[">=", "<="]
 class Gate(Strict):
     """An absolute gate: ``candidate[metric] <op> threshold``."""
 
-    metric: str = Field(description="a key of the evaluation metrics (see tasks/evaluate.py)")
+    metric: str = Field(description="a key of the evaluation metrics (see tasks/evaluation/stage.py)")
     op: GateOp = ">="
     threshold: float
 

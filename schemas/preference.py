@@ -185,7 +185,7 @@ def prompt_hashes(prompt: pa.ListArray) -> list[str]:
 # Runs of two or more, and single ones other than a space, become one space (replacing every single
 # space as well is ~7x slower).
 _SPACES = [f"\\x{{{ord(c):x}}}" for c in map(chr, range(0x3001)) if c.isspace()]
-_SPACE_RUN = "[%s]{2,}|[%s]" % ("".join(_SPACES), "".join(c for c in _SPACES if c != "\\x{20}"))
+_SPACE_RUN = "[%s]{2,}|[%s]" % ("".join(_SPACES), "".join(c for c in _SPACES if c != "\\x{20}"))  # noqa: UP031
 
 
 def normalise_prompt_texts(texts: pa.Array) -> pa.Array:

@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, field_validator
 from schemas.cai_config import CAIConfig
 from schemas.data_config import DataConfig, SourceConfig, Strict, repeated
 from schemas.eval_config import ComputeConfig, EvaluateConfig, MlflowConfig, PromoteConfig
-from schemas.train_config import DPOStage, ModelConfig, RewardStage, SFTStage
+from schemas.train_config import DPOStage, ModelSpec, RewardStage, SFTStage
 
 
 class RecipeError(ValueError):
@@ -27,7 +27,7 @@ class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     sources: list[SourceConfig] = Field(min_length=1)
     data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelSpec = Field(default_factory=ModelSpec)
     sft: SFTStage = Field(default_factory=SFTStage)
     cai: CAIConfig = Field(default_factory=CAIConfig)
     reward: RewardStage = Field(default_factory=RewardStage)

@@ -27,7 +27,7 @@ class TinyModel(Strict):
     seed: int = 0
 
 
-class ModelConfig(Strict):
+class ModelSpec(Strict):
     name_or_path: str = Field("tiny", description="hub id, local HF folder, or `tiny` (offline bootstrap)")
     chat_template: Literal["auto", "chatml", "zephyr", "llama3"] = "auto"
     tiny: TinyModel = Field(default_factory=TinyModel)
@@ -35,7 +35,7 @@ class ModelConfig(Strict):
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
-class LoraConfig(Strict):
+class LoraSpec(Strict):
     r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -47,7 +47,7 @@ class StageConfig(Strict):
     model: str | None = Field(
         None, description="base model (folder, hub id, package:<module>); empty = the previous stage's output"
     )
-    lora: LoraConfig | None = None
+    lora: LoraSpec | None = None
     args: dict = Field(default_factory=dict, description="TRL config fields, passed through")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -61,9 +60,7 @@ def follow(flow_run_id, poll: float = 1.5, quiet_logs: bool = False):
             if state in TERMINAL:
                 return run
             if state in ("SCHEDULED", "PENDING") and time.monotonic() - started > 120:
-                log(
-                    f"still {state.lower()} after 2 min: is a worker running for the pool? (python scripts/services.py status)"
-                )
+                log(f"still {state.lower()} after 2 min: is a worker running for the pool? (python -m scripts status)")
                 started = time.monotonic()
             time.sleep(poll)
 
@@ -176,12 +173,3 @@ def run_demo(svc, recipe: str) -> int:
     print("\nRegistered models and aliases")
     print("\n".join(registry_summary(svc.tracking_uri, name) or ["  (none registered)"]))
     return 0 if state == "COMPLETED" else 1
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from services import main
-
-    main(["demo", *sys.argv[1:]])

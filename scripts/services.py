@@ -1,9 +1,9 @@
 """Local services for align: a Prefect server, its work pools and workers, an MLflow server; the demo.
 
-    python scripts/services.py up        # start what is not running (idempotent), deploy prefect.yaml
-    python scripts/services.py demo      # up, then `align/full` on the tiny recipe, streamed, then a summary
-    python scripts/services.py status
-    python scripts/services.py down      # stop what `up` started, by PID: workers, then MLflow, then the server
+    python -m scripts up        # start what is not running (idempotent), deploy prefect.yaml
+    python -m scripts demo      # up, then `align/full` on the tiny recipe, streamed, then a summary
+    python -m scripts status
+    python -m scripts down      # stop what `up` started, by PID: workers, then MLflow, then the server
 
 Everything lives under one state folder (default <repo>/.align, or ALIGN_STATE): the Prefect home and
 its SQLite DB, the MLflow SQLite DB and artifact folder, PID files (pids/) and logs (logs/). Servers bind
@@ -13,7 +13,6 @@ with a temporary folder and free ports.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -102,7 +101,7 @@ class Services:
     def spawn(self, name: str, cmd: list[str]) -> int:
         self.pids.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
-        out = open(self.logs / f"{name}.log", "ab")
+        out = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
         # Own session: `down` signals the whole group (a server's own children included), nothing else.
         proc = subprocess.Popen(
             cmd,
@@ -365,33 +364,3 @@ def _digest(paths: list[Path]) -> str:
     for p in paths:
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="scripts/services.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("command", choices=["up", "demo", "down", "status", "deploy"])
-    parser.add_argument("--recipe", default=os.environ.get("RECIPE", "recipes/tiny.yaml"))
-    args = parser.parse_args(argv)
-    svc = Services()
-    os.environ.update(svc.env())  # before any prefect import: never ~/.prefect, always our server
-    if args.command == "up":
-        svc.up()
-    elif args.command == "deploy":
-        svc.deploy(force=True)
-    elif args.command == "down":
-        svc.down()
-    elif args.command == "status":
-        for name, pid in svc.status().items():
-            print(f"{name:16s} {'running, pid ' + str(pid) if pid else 'stopped'}")
-    else:
-        from demo import run_demo  # scripts/demo.py: the run, its progress and the summary
-
-        svc.up()
-        with svc.api():
-            sys.exit(run_demo(svc, args.recipe))
-
-
-if __name__ == "__main__":
-    main()

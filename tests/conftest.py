@@ -49,6 +49,6 @@ def tiny_recipe():
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory, tiny_recipe) -> Path:
     """The tiny recipe's dataset version directory (train/test/quarantine parquet, manifest, Data Docs)."""
-    from tasks.splits import build_dataset
+    from tasks.data.dataset import build_dataset
 
     return build_dataset(tiny_recipe, tmp_path_factory.mktemp("data")).path

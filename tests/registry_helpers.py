@@ -11,7 +11,7 @@ import mlflow
 
 @dataclass
 class FakeStage:
-    """The fields of tasks.training.StageResult that registration reads."""
+    """The fields of tasks.training.stage.StageResult that registration reads."""
 
     stage: str
     model_dir: Path
@@ -34,7 +34,7 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from tasks.models import build_tiny_tokenizer
+    from tasks.training.models import build_tiny_tokenizer
 
     texts = ["What is 2 plus 2?", "2 plus 2 is 4.", "The capital of Italy is Rome.", "I cannot help."] * 25
     tok = build_tiny_tokenizer(texts, vocab_size=300)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from schemas.eval_config import ComputeConfig
-from tasks import dispatch
+from tasks.runtime import dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def test_accelerate_command_on_cpu_uses_torchrun_with_gloo():
 
 
 def test_encode_decode_round_trips_stage_results_and_paths(tmp_path):
-    from tasks.training import StageResult
+    from tasks.training.stage import StageResult
 
     r = StageResult("sft", tmp_path / "model", {"loss": 1.5}, "run1", reused=True)
     back = dispatch.decode(json.loads(json.dumps(dispatch.encode({"args": [r, tmp_path], "kwargs": {}}))))
@@ -78,12 +78,12 @@ def test_sft_under_accelerate_launch_trains_on_two_cpu_processes(tiny_recipe, ti
         "per_device_train_batch_size": 4,
     }
 
-    result = dispatch.run_stage("sft", recipe, tiny_dataset, None, tmp_path)
+    result = dispatch.dispatch_stage("sft", recipe, tiny_dataset, None, tmp_path)
 
     assert not result.reused and (result.model_dir / "config.json").is_file()
     assert result.metrics["world_size"] == 2  # torch.distributed (gloo) was initialised with 2 ranks
     assert result.metrics["global_step"] == 6
     # The same content key in one process: the folder trained under accelerate is reused, not retrained.
     recipe.compute = ComputeConfig()
-    again = dispatch.run_stage("sft", recipe, tiny_dataset, None, tmp_path)
+    again = dispatch.dispatch_stage("sft", recipe, tiny_dataset, None, tmp_path)
     assert again.reused and again.model_dir == result.model_dir

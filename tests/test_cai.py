@@ -9,11 +9,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.cai_config import GenerationConfig, MixSpec
+from schemas.cai_config import GenerationSpec, MixSpec
 from schemas.constitution import load_constitution, parse_constitution
 from schemas.preference import PREFERENCE_SCHEMA, QUARANTINE_SCHEMA, Reason, prompt_hash
 from schemas.recipe import load_recipe
-from tasks.cai import (
+from tasks.cai.stage import (
     CAIPrompt,
     build_tables,
     critique_and_revise,
@@ -25,7 +25,7 @@ from tasks.cai import (
     sample_principles,
     select_prompts,
 )
-from tasks.generation import BackendUnavailable, GenOutput, cut_at_stop, require_vllm
+from tasks.training.generation import BackendUnavailable, GenOutput, cut_at_stop, require_vllm
 
 TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 
@@ -220,7 +220,7 @@ def cai_recipe(tiny_recipe_path, **generation):
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_dataset, tiny_recipe, tmp_path_factory):
-    from tasks.models import bootstrap_tiny
+    from tasks.training.models import bootstrap_tiny
 
     return bootstrap_tiny(tiny_recipe.model, tiny_dataset / "train.parquet", tmp_path_factory.mktemp("m") / "tiny")
 
@@ -271,9 +271,9 @@ def test_run_cai_tiny_model_end_to_end_traceable_and_reused(tiny_dataset, tiny_m
 
 
 def test_critique_and_revise_tiny_model_same_seed_same_outputs(tiny_model):
-    from tasks.generation import load_generator
+    from tasks.training.generation import load_generator
 
-    settings = GenerationConfig(max_new_tokens=8, batch_size=3, temperature=0.9, seed=5)
+    settings = GenerationSpec(max_new_tokens=8, batch_size=3, temperature=0.9, seed=5)
     c = load_constitution("recipes/constitutions/hhh.yaml")
     prompts = [prompt(i) for i in range(4)]
 

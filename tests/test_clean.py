@@ -6,7 +6,7 @@ from rows import msg, row, table
 
 from schemas.data_config import DataConfig, LengthLimits
 from schemas.preference import Reason, content_id
-from tasks.clean import clean_rows, normalise_unicode, read_eval_prompts
+from tasks.data.clean import clean_rows, normalise_unicode, read_eval_prompts
 
 
 def reasons(result) -> list[str]:
@@ -176,14 +176,14 @@ def _fuzz_texts(seed: int, n: int) -> list[str]:
 def test_clean_blank_equals_empty_after_python_strip():
     import sys
 
-    from tasks.clean import _blank
+    from tasks.data.clean import _blank
 
     texts = [chr(i) for i in range(sys.maxunicode + 1) if not 0xD800 <= i < 0xE000] + ["", "  ", " a ", "\u3000\t"]
     assert _blank(pa.array(texts)).to_pylist() == [not t.strip() for t in texts]
 
 
 def test_clean_equal_up_to_whitespace_equals_split_join_comparison():
-    from tasks.clean import _equal_up_to_whitespace
+    from tasks.data.clean import _equal_up_to_whitespace
 
     a, b = _fuzz_texts(0, 4000), _fuzz_texts(1, 4000)
     b[::3] = [" ".join(t.split()) + " " for t in a[::3]]  # many equal up to whitespace
@@ -196,7 +196,7 @@ def test_clean_equal_up_to_whitespace_equals_split_join_comparison():
 def test_clean_all_normalized_equals_every_string_normalized(form):
     import unicodedata
 
-    from tasks.clean import _all_normalized
+    from tasks.data.clean import _all_normalized
 
     texts = _fuzz_texts(2, 300)
     for k in range(0, 300, 7):

@@ -1,4 +1,4 @@
-"""tasks/contracts.py: the shipped suite loads, a clean split passes, each critical rule breached alone fails
+"""tasks/data/contracts.py: the shipped suite loads, a clean split passes, each critical rule breached alone fails
 naming the rule, the count and a row, warnings report without failing, Data Docs and the Prefect artifact exist."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from schemas.preference import PREFERENCE_SCHEMA, QUARANTINE_SCHEMA, content_id, prompt_hash
-from tasks.contracts import (
+from tasks.data.contracts import (
     ContractBreach,
     ContractResult,
     SuiteError,

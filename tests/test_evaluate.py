@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.eval_stats import (
+from tasks.evaluation.metrics import (
     is_refusal,
     length_stats,
     preference_accuracy,
@@ -121,7 +121,7 @@ from registry_helpers import FakeStage, build_tiny_models, use_temp_mlflow  # no
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, tiny_recipe, tiny_dataset):
     """run_evaluation with the policy = the SFT model itself: every answer pair is identical."""
-    from tasks.evaluate import run_evaluation
+    from tasks.evaluation.stage import run_evaluation
 
     root = tmp_path_factory.mktemp("evaluate")
     previous = mlflow.get_tracking_uri()
@@ -175,7 +175,7 @@ def test_run_evaluation_logs_mlflow_run_evaluate_with_tables(evaluated, tiny_rec
 def test_evaluate_stage_same_inputs_reuses_metrics_without_generating(
     tmp_path, monkeypatch, tiny_recipe, tiny_dataset
 ):
-    import tasks.evaluate as ev
+    import tasks.evaluation.stage as ev
 
     monkeypatch.setenv("ALIGN_RUNS_DIR", str(tmp_path))
     monkeypatch.setattr(ev, "other_champion", lambda recipe, run_id: None)

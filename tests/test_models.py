@@ -8,8 +8,8 @@ import pytest
 import torch
 from rows import row, table
 
-from schemas.train_config import LoraConfig, ModelConfig, TinyModel
-from tasks.models import (
+from schemas.train_config import LoraSpec, ModelSpec, TinyModel
+from tasks.training.models import (
     ModelRefError,
     apply_lora,
     bootstrap_tiny,
@@ -41,7 +41,7 @@ def train_parquet(tmp_path_factory) -> Path:
 def test_bootstrap_tiny_is_deterministic_and_loads_with_from_pretrained(tmp_path, train_parquet, arch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = ModelConfig(tiny=TinyModel(architecture=arch, vocab_size=400))
+    cfg = ModelSpec(tiny=TinyModel(architecture=arch, vocab_size=400))
     a = bootstrap_tiny(cfg, train_parquet, tmp_path / "a")
     b = bootstrap_tiny(cfg, train_parquet, tmp_path / "b")
     assert model_identity(str(a)) == model_identity(str(b))
@@ -55,8 +55,8 @@ def test_bootstrap_tiny_is_deterministic_and_loads_with_from_pretrained(tmp_path
 
 
 def test_bootstrap_tiny_seed_changes_the_weights(tmp_path, train_parquet):
-    a = bootstrap_tiny(ModelConfig(tiny=TinyModel(seed=0, vocab_size=400)), train_parquet, tmp_path / "a")
-    b = bootstrap_tiny(ModelConfig(tiny=TinyModel(seed=1, vocab_size=400)), train_parquet, tmp_path / "b")
+    a = bootstrap_tiny(ModelSpec(tiny=TinyModel(seed=0, vocab_size=400)), train_parquet, tmp_path / "a")
+    b = bootstrap_tiny(ModelSpec(tiny=TinyModel(seed=1, vocab_size=400)), train_parquet, tmp_path / "b")
     assert model_identity(str(a)) != model_identity(str(b))
 
 
@@ -89,9 +89,9 @@ def test_qlora_on_cpu_is_refused_in_one_line():
 def test_lora_all_linear_trains_adapters_only_and_merges_to_a_plain_folder(tmp_path, train_parquet):
     from transformers import AutoModelForCausalLM
 
-    base = bootstrap_tiny(ModelConfig(tiny=TinyModel(vocab_size=400)), train_parquet, tmp_path / "base")
+    base = bootstrap_tiny(ModelSpec(tiny=TinyModel(vocab_size=400)), train_parquet, tmp_path / "base")
     tok = load_tokenizer(base)
-    model = apply_lora(load_causal_lm(base, tokenizer=tok), LoraConfig(r=4, lora_alpha=8))
+    model = apply_lora(load_causal_lm(base, tokenizer=tok), LoraSpec(r=4, lora_alpha=8))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert 0 < trainable < sum(p.numel() for p in model.parameters()) / 2
     with torch.no_grad():  # move an adapter so the merge is visible in the weights

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from scripts.services import Services
 
-from services import Services  # noqa: E402  (scripts/ is not a package)
+ROOT = Path(__file__).resolve().parents[1]
 
 K8S_TEMPLATE = ROOT / "deploy" / "k8s" / "gpu-base-job-template.json"
 
@@ -57,8 +56,9 @@ def make_fast_recipe(folder: Path) -> Path:
 
 
 def run_align(svc: Services, deployment: str, params: dict, job_variables: dict | None = None):
-    from demo import follow, start_run
     from prefect.client.orchestration import get_client
+
+    from scripts.demo import follow, start_run
 
     with svc.api():
         run = start_run(deployment, params, job_variables)
@@ -187,7 +187,7 @@ def test_k8s_template_renders_gpu_limits_node_selector_and_shared_volume():
 
 
 def check_worker_killed_during_sft_then_rerun_resumes_from_checkpoint(services, fast_recipe, tmp_path):
-    from demo import start_run
+    from scripts.demo import start_run
 
     data = yaml.safe_load(fast_recipe.read_text())
     data["sft"]["args"].update(max_steps=16, save_steps=4, learning_rate=2.0e-3)  # new key: trains afresh

@@ -26,7 +26,7 @@ from schemas.preference import (
     prompt_hash,
     prompt_hashes,
 )
-from tasks.sources import read_source
+from tasks.data.sources import read_source
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL = [

@@ -1,11 +1,11 @@
-"""tasks/preload.py: slow imports in a background thread, and no fork while one runs."""
+"""tasks/data/preload.py: slow imports in a background thread, and no fork while one runs."""
 
 from __future__ import annotations
 
 import sys
 import time
 
-from tasks import preload
+from tasks.data import preload
 
 
 def _slow_module(tmp_path, monkeypatch, name: str, seconds: float) -> None:
@@ -37,7 +37,7 @@ def test_import_in_background_failure_surfaces_at_the_callers_import(tmp_path, m
 
 
 def test_fork_pool_waits_for_background_imports(tmp_path, monkeypatch):
-    from tasks.sources import core
+    from tasks.data.sources import core
 
     _slow_module(tmp_path, monkeypatch, "align_slow_import_b", 0.5)
     preload.import_in_background("align_slow_import_b")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from schemas.eval_config import PromoteConfig
-from tasks.promotion import decide, evaluate_gates
+from tasks.registry.gates import decide, evaluate_gates
 
 CONFIG = PromoteConfig.model_validate(
     {
@@ -66,8 +68,8 @@ import pytest  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from registry_helpers import FakeStage, build_tiny_models, use_temp_mlflow, write_dataset_dir  # noqa: E402
 
-from tasks import registry  # noqa: E402
-from tasks.promotion import champion_reference  # noqa: E402
+from tasks.registry import versions as registry  # noqa: E402
+from tasks.registry.gates import champion_reference  # noqa: E402
 
 TINY_GATES = {
     "rm_accuracy": 0.75,
@@ -173,7 +175,7 @@ def test_champion_reference_other_dataset_not_comparable():
 
 
 def test_contract_ok_warnings_only_passes_critical_failure_fails():
-    from tasks.promotion import contract_ok
+    from tasks.registry.gates import contract_ok
 
     assert contract_ok({"contract": {"success": False, "totals": {"critical_failures": 0, "warnings": 2}}})
     assert not contract_ok({"contract": {"success": False, "totals": {"critical_failures": 1}}})
@@ -237,7 +239,7 @@ def test_align_flow_tiny_pipeline_registers_candidates_and_first_promotion_makes
 
     from flows.align import align
 
-    data = yaml.safe_load(open("recipes/tiny.yaml"))
+    data = yaml.safe_load(Path("recipes/tiny.yaml").read_text())
     data["name"] = "e2e"
     for stage, steps in (("sft", 6), ("reward", 6), ("dpo", 4)):
         data[stage]["args"].update(max_steps=steps, eval_strategy="no", save_strategy="no")

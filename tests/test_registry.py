@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from registry_helpers import FakeStage, build_tiny_models, use_temp_mlflow, write_dataset_dir
 
-from tasks import registry
+from tasks.registry import versions as registry
 
 METRICS = {"rm_accuracy": 0.75, "win_rate": 0.6, "kl_per_token": 0.05}
 
@@ -77,7 +77,7 @@ def test_load_champion_documented_one_liners_return_working_model(store, tiny_re
     registry.set_champion(MlflowClient(), "load-dpo", v)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # the documented one-liner (README, tasks/registry.py): the version is the stage's HF folder
+    # the documented one-liner (README, tasks/registry/versions.py): the version is the stage's HF folder
     folder = mlflow.artifacts.download_artifacts("models:/load-dpo@champion")
     model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     ids = tok.apply_chat_template(

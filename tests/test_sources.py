@@ -1,4 +1,4 @@
-"""tasks/sources: raw rows of each source format → canonical preference rows + quarantine rows.
+"""tasks/data/sources: raw rows of each source format → canonical preference rows + quarantine rows.
 
 Real upstream rows come from ../shared/data (never copied into the repo); the edge cases are our own
 fixtures in tests/fixtures/sources (written by make_fixtures.py, one comment per row). Every read is
@@ -22,9 +22,9 @@ from pydantic import ValidationError
 
 from schemas.data_config import SourceConfig, SourceFormat, UltraFeedbackOptions
 from schemas.preference import PREFERENCE_SCHEMA, QUARANTINE_SCHEMA, PreferenceRow, Reason, content_id, prompt_hash
-from tasks.sources import ADAPTERS, RowError, SourceResult, get_adapter, read_records, read_source
-from tasks.sources.base import split_common_prefix
-from tasks.sources.hh_rlhf import transcript_messages
+from tasks.data.sources import ADAPTERS, RowError, SourceResult, get_adapter, read_records, read_source
+from tasks.data.sources.base import split_common_prefix
+from tasks.data.sources.hh_rlhf import transcript_messages
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -650,7 +650,7 @@ def test_tiny_recipe_sources_all_read(monkeypatch):
 
 
 def test_read_source_spool_dir_is_shared_memory_only_with_room_to_spare():
-    import tasks.sources.core as core
+    import tasks.data.sources.core as core
 
     assert core._spool_dir(1 << 60) is None  # far more than any /dev/shm holds: the temporary directory
     assert core._spool_dir(1) in ("/dev/shm", None)
@@ -659,8 +659,8 @@ def test_read_source_spool_dir_is_shared_memory_only_with_room_to_spare():
 def test_read_source_large_file_parallel_parts_equal_serial_read(tmp_path, monkeypatch, shared_data):
     import sys
 
-    import tasks.sources.core as core
-    from tasks import preload
+    import tasks.data.sources.core as core
+    from tasks.data import preload
 
     lines = (shared_data / "hh-rlhf" / "harmless-base-test.head300.jsonl").read_text(encoding="utf-8").splitlines()
     path = tmp_path / "hh.jsonl"

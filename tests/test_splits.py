@@ -10,7 +10,8 @@ from rows import row, table
 
 from schemas.preference import PREFERENCE_SCHEMA, QUARANTINE_SCHEMA
 from schemas.recipe import load_recipe
-from tasks.splits import build_dataset, holdout_mask, publish, split_rows
+from tasks.data.dataset import build_dataset, publish
+from tasks.data.split import holdout_mask, split_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +99,7 @@ def test_build_dataset_missing_source_file_names_source_and_path(tmp_path):
 
 
 def test_build_dataset_writes_no_partial_version_on_crash(tiny_recipe, tmp_path, monkeypatch):
-    import tasks.splits as splits
+    import tasks.data.dataset as splits
 
     def boom(table, path):
         raise OSError("disk full")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.models import build_tiny_tokenizer, load_tokenizer, resolve_model_ref
-from tasks.templates import TEMPLATES, apply_chat_template_style, is_prefix_consistent, render
+from tasks.training.models import build_tiny_tokenizer, load_tokenizer, resolve_model_ref
+from tasks.training.templates import TEMPLATES, apply_chat_template_style, is_prefix_consistent, render
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 from schemas.recipe import Recipe, deep_merge, load_recipe
-from tasks import tracking
+from tasks.registry import tracking
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 

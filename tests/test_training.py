@@ -10,7 +10,7 @@ import yaml
 from transformers import TrainerCallback
 
 from schemas.recipe import Recipe, deep_merge, load_recipe
-from tasks.training import StageConfigError, check_stages
+from tasks.training.stage import StageConfigError, check_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"
@@ -28,10 +28,10 @@ def test_tiny_recipe_end_to_end_learns_reloads_and_is_tracked(tiny_dataset, tmp_
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from tasks.dpo import train_dpo
-    from tasks.reward import score, train_reward
-    from tasks.sft import train_sft
-    from tasks.tracking import start_pipeline_run
+    from tasks.registry.tracking import start_pipeline_run
+    from tasks.training.dpo import train_dpo
+    from tasks.training.reward import score, train_reward
+    from tasks.training.sft import train_sft
 
     recipe = load_recipe(TINY)
     runs = tmp_path / "runs"
@@ -107,7 +107,7 @@ class _Steps(TrainerCallback):
 
 @pytest.mark.slow
 def test_stage_interrupted_after_first_checkpoint_resumes_from_it(tiny_dataset, tmp_path):
-    from tasks.sft import train_sft
+    from tasks.training.sft import train_sft
 
     recipe = recipe_with(
         {"sft": {"args": {"max_steps": 6, "save_steps": 3, "eval_strategy": "no", "per_device_train_batch_size": 4}}}
@@ -130,7 +130,7 @@ class _StopAfterFinalSave(TrainerCallback):
 
 
 def test_stage_crashed_after_final_checkpoint_finishes_from_it_without_extra_steps(tiny_dataset, tmp_path):
-    from tasks.sft import train_sft
+    from tasks.training.sft import train_sft
 
     recipe = recipe_with(
         {"sft": {"args": {"max_steps": 4, "save_steps": 2, "eval_strategy": "no", "per_device_train_batch_size": 4}}}

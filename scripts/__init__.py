@@ -1,0 +1,1 @@
+"""Local services (Prefect + MLflow servers, workers) and the demo: `python -m scripts up|demo|status|down`."""

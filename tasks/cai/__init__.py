@@ -1,0 +1,1 @@
+"""Constitutional AI: the policy critiques and revises its answers under a constitution."""

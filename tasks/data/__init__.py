@@ -1,0 +1,1 @@
+"""The data plane: sources → clean → contracts → split → a versioned dataset directory."""

@@ -1,0 +1,265 @@
+"""Split by prompt hash and write an immutable, versioned dataset directory.
+
+    <output_dir>/<version>/train.parquet, test.parquet, quarantine.parquet, manifest.json, data_docs/
+
+version = hash(schema version, recipe `sources` + `data` sections, sha256 of every input). Writes go to
+a temporary sibling directory that is renamed into place at the end, so a crash or a concurrent run
+never leaves a torn version, and an existing version is reused, never rewritten. A version whose
+critical contract breaks is not published: its report goes to `<output_dir>/failed/<version>/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from schemas.preference import PREFERENCE_SCHEMA, QUARANTINE_SCHEMA, SCHEMA_VERSION
+from schemas.recipe import Recipe
+from tasks.data.clean import clean_rows, read_eval_prompts
+from tasks.data.preload import import_in_background
+from tasks.data.sources.readers import file_sha256
+from tasks.data.split import split_rows
+
+SPLIT_FILES = ("train", "test", "quarantine")
+
+
+@dataclass
+class DatasetVersion:
+    path: Path
+    manifest: dict
+    reused: bool
+
+
+def compute_dataset_version(recipe: Recipe, inputs: list[dict]) -> str:
+    payload = {
+        "schema_version": SCHEMA_VERSION,
+        # Where files live is not part of the version (their sha256 is): same data, same version anywhere.
+        "sources": [s.model_dump(mode="json", exclude={"path"}) for s in recipe.sources],
+        "data": recipe.data.model_dump(mode="json", exclude={"output_dir", "decontaminate", "contract"}),
+        "decontaminate": [file_sha256(Path(p)) for p in recipe.data.decontaminate],
+        "contract": file_sha256(Path(recipe.data.contract)),
+        "inputs": [i["sha256"] for i in inputs],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def write_parquet(table: pa.Table, path: Path) -> None:
+    # Fixed writer options, no timestamps: the same rows give byte-identical files.
+    pq.write_table(table, path, compression="zstd", use_dictionary=True, write_statistics=True)
+
+
+def counts_by(table: pa.Table, *keys: str) -> dict:
+    if table.num_rows == 0:
+        return {}
+    grouped = table.group_by(list(keys)).aggregate([([], "count_all")]).to_pylist()
+    out: dict = {}
+    for g in sorted(grouped, key=lambda r: [str(r[k]) for k in keys]):
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(g[k], {})
+        node[g[keys[-1]]] = g["count_all"]
+    return out
+
+
+def reconciliation(results, train: pa.Table, test: pa.Table, quarantine: pa.Table) -> dict:
+    """Per source: rows read, accepted (train + test) and quarantined (by any stage)."""
+    acc = counts_by(pa.concat_tables([train.select(["source"]), test.select(["source"])]), "source")
+    qua = counts_by(quarantine.select(["source"]), "source")
+    return {
+        "per_source": {
+            r.source: {"read": r.rows_read, "accepted": acc.get(r.source, 0), "quarantined": qua.get(r.source, 0)}
+            for r in results
+        }
+    }
+
+
+def publish(tmp: Path, final: Path) -> bool:
+    """Rename tmp into place; False (and tmp removed) when another run published the same version first."""
+    try:
+        os.rename(tmp, final)
+        return True
+    except OSError:
+        if (final / "manifest.json").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        raise
+
+
+def existing_version(output_dir: Path, version: str) -> DatasetVersion | None:
+    manifest = output_dir / version / "manifest.json"
+    if manifest.exists():
+        return DatasetVersion(manifest.parent, json.loads(manifest.read_text()), reused=True)
+    return None
+
+
+def build_dataset(recipe: Recipe, output_dir: Path | None = None, tokenizer=None) -> DatasetVersion:
+    """Sources → clean → split → contract → atomic write. Raises ContractBreach on a critical breach."""
+    from tasks.data.sources import read_source
+
+    started = time.perf_counter()
+    output_dir = Path(output_dir or recipe.data.output_dir)
+    # The contract step's Great Expectations import (2-3 s) runs while workers parse the last source:
+    # not an earlier one, as the next source's workers could not fork until the import is done.
+    last = len(recipe.sources) - 1
+    results = [
+        read_source(cfg, seed=recipe.data.seed, while_parsing=_import_contract_modules if k == last else None)
+        for k, cfg in enumerate(recipe.sources)
+    ]
+    version = compute_dataset_version(recipe, [r.input for r in results])
+    if found := existing_version(output_dir, version):
+        return found
+
+    rows = pa.concat_tables([r.accepted for r in results]) if results else PREFERENCE_SCHEMA.empty_table()
+    if tokenizer is None and recipe.data.lengths.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(recipe.data.lengths.tokenizer)
+    cleaned = clean_rows(rows, recipe.data, read_eval_prompts(recipe.data.decontaminate), tokenizer)
+    train, test = split_rows(cleaned.accepted, recipe.data.test_fraction, recipe.data.seed)
+    quarantine = pa.concat_tables([r.quarantine for r in results] + [cleaned.quarantine]).cast(QUARANTINE_SCHEMA)
+    quarantine = quarantine.sort_by([("source", "ascending"), ("source_row", "ascending")])
+    manifest = {
+        "version": version,
+        "schema_version": SCHEMA_VERSION,
+        "recipe": {
+            "name": recipe.name,
+            "sources": [s.model_dump(mode="json") for s in recipe.sources],
+            "data": recipe.data.model_dump(mode="json"),
+        },
+        "inputs": [r.input for r in results],
+        "counts": {
+            "train": train.num_rows,
+            "test": test.num_rows,
+            "quarantine": quarantine.num_rows,
+            **reconciliation(results, train, test, quarantine),
+            "per_split_source": {
+                "train": counts_by(train.select(["source"]), "source"),
+                "test": counts_by(test.select(["source"]), "source"),
+            },
+            "quarantine_reasons": counts_by(quarantine.select(["source", "reason"]), "source", "reason"),
+        },
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=output_dir))
+    try:
+        write_version(tmp, recipe, manifest, {"train": train, "test": test, "quarantine": quarantine})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest["build_seconds"] = round(time.perf_counter() - started, 3)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    final = output_dir / version
+    if not publish(tmp, final):
+        return existing_version(output_dir, version)
+    return DatasetVersion(final, manifest, reused=False)
+
+
+def _import_contract_modules() -> None:
+    import_in_background(
+        "great_expectations", "great_expectations.expectations", "great_expectations.data_context.types.base"
+    )
+
+
+def write_version(tmp: Path, recipe: Recipe, manifest: dict, tables: dict[str, pa.Table]) -> None:
+    """Run the contract (Data Docs into tmp), then write the splits; a critical breach moves the report
+    (quarantine, manifest, Data Docs) to <output_dir>/failed/<version>/ and raises ContractBreach."""
+    from tasks.data.contracts import run_contract
+
+    contract = run_contract(
+        tables["train"],
+        tables["test"],
+        tables["quarantine"],
+        {"per_source": manifest["counts"]["per_source"]},
+        recipe.data.contract,
+        tmp / "data_docs",
+        contract_params(recipe),
+    )
+    manifest["contract"] = contract.summary
+    if not contract.success:
+        failed = tmp.parent / "failed" / manifest["version"]
+        shutil.rmtree(failed, ignore_errors=True)
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        write_parquet(tables["quarantine"], tmp / "quarantine.parquet")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        os.rename(tmp, failed)
+        contract.raise_for_critical()
+    manifest["files"] = {}
+    for name in SPLIT_FILES:
+        write_parquet(tables[name], tmp / f"{name}.parquet")
+        manifest["files"][f"{name}.parquet"] = {
+            "sha256": file_sha256(tmp / f"{name}.parquet"),
+            "rows": tables[name].num_rows,
+        }
+
+
+def contract_params(recipe: Recipe) -> dict:
+    return {
+        "test_fraction": recipe.data.test_fraction,
+        "split_tolerance": recipe.data.split_tolerance,
+        "min_chars": recipe.data.lengths.min_chars,
+        "max_chars": recipe.data.lengths.max_chars,
+        "allowed_sources": [s.name for s in recipe.sources],
+    }
+
+
+def load_split(version_dir: Path, split: str) -> pa.Table:
+    return pq.read_table(Path(version_dir) / f"{split}.parquet", schema=PREFERENCE_SCHEMA)
+
+
+def is_transient_io_error(task, task_run, state) -> bool:
+    """Prefect retry condition: retry network/hub hiccups only, never bad data or bad config."""
+    try:
+        state.result()
+    except (ConnectionError, TimeoutError):
+        return True
+    except Exception as e:  # hub client errors carry an HTTP status; 5xx and 429 are transient
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        return status is not None and (status >= 500 or status == 429)
+    return False
+
+
+@task(
+    name="build-dataset",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=is_transient_io_error,
+    cache_policy=NO_CACHE,
+)  # the content-addressed version directory is the cache (reused when it exists)
+def build_dataset_task(recipe: Recipe, output_dir: str | Path | None = None) -> DatasetVersion:
+    return build_dataset(recipe, Path(output_dir) if output_dir else None)
+
+
+@task(name="dataset-report", cache_policy=NO_CACHE)
+def publish_dataset_report(dataset: DatasetVersion) -> None:
+    """Prefect artifacts a user reads: counts per source and quarantine reasons, and the contract table."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.data.contracts import publish_summary_artifact
+
+    m = dataset.manifest
+    lines = [
+        f"# Dataset `{m['version']}`{' (reused)' if dataset.reused else ''}",
+        "",
+        f"`{dataset.path}` · train {m['counts']['train']} · test {m['counts']['test']} · "
+        f"quarantine {m['counts']['quarantine']}",
+        "",
+        "| source | read | accepted | quarantined | reasons |",
+        "|---|---|---|---|---|",
+    ]
+    for src, c in m["counts"]["per_source"].items():
+        reasons = ", ".join(f"{k}: {v}" for k, v in m["counts"]["quarantine_reasons"].get(src, {}).items())
+        lines.append(f"| {src} | {c['read']} | {c['accepted']} | {c['quarantined']} | {reasons or '-'} |")
+    lines += ["", f"Data Docs: `{dataset.path / 'data_docs' / 'index.html'}`"]
+    create_markdown_artifact("\n".join(lines), key="dataset-summary", description="rows per source and quarantine")
+    publish_summary_artifact(m["contract"], key="data-quality")

@@ -1,0 +1,332 @@
+"""``read_source``: one recipe source → canonical rows + quarantine rows, nothing lost.
+
+The loop is the hot path of ingestion (hh-rlhf at 10^5–10^6 rows), so rows are collected column-wise
+into flat Python lists of strings (no per-row pydantic, no per-row Arrow calls) and become Arrow
+arrays once per chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import pyarrow as pa
+
+from schemas.data_config import SourceConfig
+from schemas.preference import (
+    MESSAGES,
+    PREFERENCE_SCHEMA,
+    QUARANTINE_SCHEMA,
+    Reason,
+    content_id,
+    content_ids,
+    prompt_hashes,
+)
+from tasks.data.preload import wait_for_background_imports
+from tasks.data.sources.base import RowError
+from tasks.data.sources.formats import get_adapter
+from tasks.data.sources.readers import (
+    file_sha256,
+    hub_fingerprint,
+    hub_records,
+    json_lines_range,
+    line_ranges,
+    load_hub,
+    read_records,
+    resolve_path,
+)
+
+# Rows per Arrow chunk: bounds the Python lists and keeps string arrays far below 2 GiB. Small enough
+# that a chunk's transient memory is reused by the next (65k rows cost each parse worker ~0.5 s of
+# page-fault system time), large enough that per-chunk Arrow calls cost nothing per row.
+_CHUNK = 16_384
+
+
+@dataclass
+class SourceResult:
+    source: str  # cfg.name
+    accepted: pa.Table  # PREFERENCE_SCHEMA, rows in source order
+    quarantine: pa.Table  # QUARANTINE_SCHEMA, rows in source order
+    rows_read: int  # == accepted.num_rows + quarantine.num_rows
+    input: dict  # name, format, path | hub, sha256 (file bytes; hub: dataset fingerprint), rows
+
+
+def read_source(
+    cfg: SourceConfig, base_dir: Path | None = None, seed: int = 42, while_parsing: Callable[[], object] | None = None
+) -> SourceResult:
+    """Read ``cfg`` (a local file or a hub dataset) through its format's adapter.
+
+    ``cfg.limit`` reads only the first N rows; ``cfg.weight`` < 1 keeps a seeded fraction of the rows
+    (drawn by row id, so a row's fate does not depend on its position) and quarantines the others as
+    DOWNSAMPLED. A relative ``cfg.path`` is looked up in the working directory, then under ``base_dir``.
+    ``while_parsing`` is called in this process once worker processes parse the file (large JSON Lines
+    files only), when this process would otherwise wait idle; background imports it starts
+    (``tasks.data.preload``) are finished before this returns.
+    """
+    get_adapter(cfg.format)  # an unknown format fails here, before any reading
+    ranges: list = []
+    if cfg.hub is not None:
+        dataset = load_hub(cfg.hub)
+        rows, label = hub_records(dataset), cfg.hub.path
+        location = {"hub": cfg.hub.model_dump(mode="json"), "sha256": hub_fingerprint(dataset, cfg.hub)}
+    else:
+        path = resolve_path(cfg.path, cfg.name, base_dir)
+        rows, label = read_records(path), path.name
+        location = {"path": str(path)}
+        ranges = _parallel_ranges(cfg, path)
+
+    with closing(rows):
+        if len(ranges) > 1:
+            with (
+                _fork_pool(len(ranges)) as pool,
+                tempfile.TemporaryDirectory(prefix="align-parse-", dir=_spool_dir(path.stat().st_size)) as spool,
+            ):
+                pending = pool.starmap_async(_convert_range, [(cfg, path, r, seed, spool) for r in ranges])
+                location["sha256"] = file_sha256(path)  # while the workers parse
+                if while_parsing is not None:
+                    while_parsing()
+                parts = pending.get()
+                # What the hook imports in the background must be done before this thread imports
+                # anything (Arrow loads pandas below): two threads importing one package with circular
+                # imports (Great Expectations, pandas) can get a partially initialised module.
+                wait_for_background_imports()
+                out = _Collector.merge(cfg.name, parts)
+        else:
+            if cfg.hub is None:
+                location["sha256"] = file_sha256(path)
+            out = _convert(islice(rows, cfg.limit), cfg, label, seed)
+
+    accepted, quarantine = out.tables()
+    rows_read = out.rows_read
+    assert rows_read == accepted.num_rows + quarantine.num_rows, (cfg.name, rows_read)
+    info = {"name": cfg.name, "format": cfg.format, **location, "rows": rows_read}
+    return SourceResult(cfg.name, accepted, quarantine, rows_read, info)
+
+
+# Files above this size are parsed by one process per core (each part's rows are independent: adapters
+# seed per row, ids are content hashes), like `datasets.map(num_proc=...)` but keeping row order.
+PARALLEL_MIN_BYTES = 8 << 20
+
+
+def _parallel_ranges(cfg: SourceConfig, path: Path) -> list[tuple[int, int]]:
+    workers = min(os.cpu_count() or 1, 8)
+    if workers < 2 or cfg.limit is not None or path.suffix != ".jsonl" or path.stat().st_size < PARALLEL_MIN_BYTES:
+        return []
+    return line_ranges(path, workers)
+
+
+def _fork_pool(n: int):
+    # fork, as datasets.map does: the children inherit the imported modules and start in milliseconds.
+    wait_for_background_imports()  # a child must not inherit a half-done import's locks
+    return multiprocessing.get_context("fork").Pool(n)
+
+
+def _spool_dir(input_bytes: int) -> str | None:
+    """Where workers hand their Arrow batches over as files, which the parent maps (unpickling ~80 MB per
+    worker from the pool's pipe cost it ~0.5 s of CPU): /dev/shm (memory) when it has room for about
+    twice the input (Docker's default is 64 MB), else the temporary directory."""
+    try:
+        shm = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return "/dev/shm" if shm.f_bavail * shm.f_frsize > 2 * input_bytes else None
+
+
+def _convert_range(cfg: SourceConfig, path: Path, byte_range: tuple[int, int], seed: int, spool: str) -> _Collector:
+    out = _convert(json_lines_range(path, *byte_range), cfg, path.name, seed)
+    out.spool(spool)
+    return out
+
+
+def _convert(rows, cfg: SourceConfig, label: str, seed: int) -> _Collector:
+    """Run raw rows through the source's adapter, collecting accepted and quarantined rows.
+
+    Ids and prompt hashes are computed column-wise when the collector flushes; a row only needs its id
+    here to be drawn by weight, or to find an unpaired surrogate before Arrow would refuse the chunk.
+    """
+    adapter = get_adapter(cfg.format)
+    options = cfg.typed_options()
+    out = _Collector(cfg.name)
+    parse, needs_rng, weight = adapter.parse, adapter.needs_rng, cfg.weight
+    per_row = weight < 1
+    for source_row, record, raw, error in rows:
+        if error is not None:
+            out.quarantine(source_row, error[0], error[1], raw)
+            continue
+        rng = random.Random(f"{seed}:{source_row}") if needs_rng else None
+        try:
+            row = parse(record, options, rng)
+        except RowError as e:
+            out.quarantine(source_row, e.reason, f"{_where(label, source_row, raw)}: {e.detail}", raw, record)
+            continue
+        if per_row or not _encodable(row):
+            try:
+                row_id = content_id(row["prompt"], row["chosen"], row["rejected"])
+            except UnicodeEncodeError as e:  # a lone surrogate from a "\ud800" escape: not writable text
+                out.quarantine(
+                    source_row,
+                    Reason.INVALID_UTF8,
+                    f"{_where(label, source_row, raw)}: unpaired surrogate escape in the text ({e.reason})",
+                    raw if raw is not None else json.dumps(record, default=str),
+                )  # ASCII: writable
+                continue
+            if per_row and _draw(row_id, seed) >= weight:
+                out.quarantine(
+                    source_row,
+                    Reason.DOWNSAMPLED,
+                    f"not drawn at weight {weight} (seed {seed}, id {row_id})",
+                    raw,
+                    record,
+                )
+                continue
+        out.accept(source_row, row)
+    return out
+
+
+def _encodable(row: dict) -> bool:
+    """False when a turn holds a lone surrogate, which Arrow (and UTF-8) cannot store. Only non-ASCII
+    text can (``str.isascii`` is O(1)), and only that is encoded to find out."""
+    for key in ("prompt", "chosen", "rejected"):
+        for m in row[key]:
+            if not m["content"].isascii():
+                try:
+                    m["content"].encode("utf-8")
+                except UnicodeEncodeError:
+                    return False
+    return True
+
+
+def _where(label: str, source_row: int, raw: str | None) -> str:
+    """``file:line`` (1-based, as an editor shows it) for line-based sources, else ``name row N``."""
+    return f"{label}:{source_row + 1}" if raw is not None else f"{label} row {source_row}"
+
+
+def _draw(row_id: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by (seed, row id)."""
+    digest = hashlib.blake2b(f"{seed}:{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+class _Collector:
+    """Accepted and quarantined rows, column-wise; flushed to Arrow every ``_CHUNK`` rows."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.rows_read = 0
+        self.batches: list[pa.RecordBatch] = []
+        self.q_rows: list[int] = []
+        self.q_reasons: list[str] = []
+        self.q_details: list[str] = []
+        self.q_raw: list[str] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.source_rows = []
+        self.score_chosen, self.score_rejected = [], []
+        # per message column: end offsets, roles, contents (flat lists of strings: cheap to append,
+        # not tracked by the garbage collector, one pa.array call each per chunk)
+        self.messages = {k: ([0], [], []) for k in ("prompt", "chosen", "rejected")}
+        self._columns = [(k, *self.messages[k]) for k in ("prompt", "chosen", "rejected")]
+
+    def accept(self, source_row: int, row: dict) -> None:
+        """Keep a parsed row; its text must encode as UTF-8 (``_convert`` quarantines the others)."""
+        self.rows_read += 1
+        self.source_rows.append(source_row)
+        self.score_chosen.append(row["score_chosen"])
+        self.score_rejected.append(row["score_rejected"])
+        for key, offsets, roles, contents in self._columns:
+            for m in row[key]:
+                roles.append(m["role"])
+                contents.append(m["content"])
+            offsets.append(len(roles))
+        if len(self.source_rows) >= _CHUNK:
+            self._flush()
+
+    def quarantine(
+        self, source_row: int, reason: Reason, detail: str, raw: str | None, record: dict | None = None
+    ) -> None:
+        self.rows_read += 1
+        self.q_rows.append(source_row)
+        self.q_reasons.append(str(reason))
+        self.q_details.append(detail)
+        # The original row as JSON text: its own line where the source has lines, else serialised.
+        self.q_raw.append(
+            raw.rstrip("\r\n") if raw is not None else json.dumps(record, ensure_ascii=False, default=str)
+        )
+
+    def _flush(self) -> None:
+        if not self.source_rows:
+            return
+        n = len(self.source_rows)
+        lists = {}
+        for key, (offsets, roles, contents) in self.messages.items():
+            values = pa.StructArray.from_arrays(
+                [pa.array(roles, pa.string()), pa.array(contents, pa.string())], fields=list(MESSAGES.value_type)
+            )
+            lists[key] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, type=MESSAGES)
+        columns = {
+            "id": pa.array(content_ids(lists["prompt"], lists["chosen"], lists["rejected"]), pa.string()),
+            "source": pa.array([self.source] * n, pa.string()),
+            "source_row": pa.array(self.source_rows, pa.int64()),
+            **lists,
+            "score_chosen": pa.array(self.score_chosen, pa.float64()),
+            "score_rejected": pa.array(self.score_rejected, pa.float64()),
+            "prompt_hash": pa.array(prompt_hashes(lists["prompt"]), pa.string()),
+        }
+        self.batches.append(pa.RecordBatch.from_pydict(columns, schema=PREFERENCE_SCHEMA))
+        self._reset()
+
+    def spool(self, directory: str) -> None:
+        """Write the batches to an Arrow IPC file in ``directory``; only its name travels with ``self``."""
+        self._flush()
+        fd, self.spooled = tempfile.mkstemp(suffix=".arrow", dir=directory)
+        with os.fdopen(fd, "wb") as f, pa.ipc.new_file(f, PREFERENCE_SCHEMA) as writer:
+            for batch in self.batches:
+                writer.write_batch(batch)
+        self.batches = []
+
+    def unspool(self) -> None:
+        """Map the spooled batches back (zero-copy); the file goes, its pages stay while they are used."""
+        if getattr(self, "spooled", None):
+            self.batches = pa.ipc.open_file(pa.memory_map(self.spooled)).read_all().to_batches()
+            os.unlink(self.spooled)
+            self.spooled = None
+
+    @classmethod
+    def merge(cls, source: str, parts: list[_Collector]) -> _Collector:
+        """Parts of one source, in order, as one collector."""
+        out = cls(source)
+        for part in parts:
+            part.unspool()
+            part._flush()
+            out.rows_read += part.rows_read
+            out.batches += part.batches
+            out.q_rows += part.q_rows
+            out.q_reasons += part.q_reasons
+            out.q_details += part.q_details
+            out.q_raw += part.q_raw
+        return out
+
+    def tables(self) -> tuple[pa.Table, pa.Table]:
+        self._flush()
+        accepted = pa.Table.from_batches(self.batches, schema=PREFERENCE_SCHEMA)
+        quarantine = pa.Table.from_pydict(
+            {
+                "source": [self.source] * len(self.q_rows),
+                "source_row": self.q_rows,
+                "reason": self.q_reasons,
+                "detail": self.q_details,
+                "raw": self.q_raw,
+            },
+            schema=QUARANTINE_SCHEMA,
+        )
+        return accepted, quarantine

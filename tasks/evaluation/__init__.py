@@ -1,0 +1,1 @@
+"""Held-out evaluation: metric definitions (metrics.py) and the evaluate stage (stage.py)."""

@@ -1,0 +1,361 @@
+"""Evaluation of one pipeline run on the held-out test split (prompts never seen in training).
+
+Metrics (keys as logged to MLflow and tagged on registered versions; definitions in tasks/eval_stats.py):
+- ``rm_accuracy``: reward model, chosen scored above rejected on the test pairs;
+- ``dpo_accuracy``: the DPO policy's implicit reward log pi(y|x) - log ref(y|x) (ref = SFT) ranks chosen first;
+- ``win_rate`` (+ ``_ci_low``/``_ci_high``, ``wins``/``ties``/``losses``): policy vs SFT answers to the same
+  prompts (same seed and settings), judged by the reward model;
+- ``kl_per_token``/``kl_per_sequence``: KL(policy || SFT) along the policy's answers;
+- ``len_policy_*``/``len_sft_*`` (answer tokens) and ``len_ratio``: catches reward hacking by length;
+- ``safety_*``: red-team prompts (``evaluate.safety_prompts``): RM score and refusal rate of policy vs SFT;
+  ``champion.safety_*``: the current champion on the same prompts and RM (for the promotion gates);
+- ``contract_success``: 1.0 when the dataset's contract had no critical breach (from its manifest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from schemas.cai_config import GenerationSpec
+from tasks.data.clean import read_eval_prompts
+from tasks.evaluation import metrics as eval_stats
+from tasks.registry import tracking
+
+CHAMPION_PREFIX = "champion."
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def test_pairs(dataset_dir: Path, limit: int) -> list[dict]:
+    """Test-split rows, in a stable order (by id), at most ``limit``."""
+    rows = pq.read_table(
+        Path(dataset_dir) / "test.parquet", columns=["id", "prompt", "chosen", "rejected", "prompt_hash"]
+    ).to_pylist()
+    return sorted(rows, key=lambda r: r["id"])[:limit]
+
+
+def test_prompts(rows: list[dict], limit: int) -> list[list[dict]]:
+    """Distinct held-out prompts (one per prompt hash), stable order, at most ``limit``."""
+    seen, out = set(), []
+    for r in sorted(rows, key=lambda r: r["prompt_hash"]):
+        if r["prompt_hash"] not in seen:
+            seen.add(r["prompt_hash"])
+            out.append([{"role": m["role"], "content": m["content"]} for m in r["prompt"]])
+    return out[:limit]
+
+
+def read_safety_prompts(path: str | None) -> list[list[dict]]:
+    """Red-team prompts (.txt one per line, or .jsonl/.json with a ``prompt`` field) as user turns.
+    The recipe loader made the path absolute; a missing file fails naming it."""
+    if not path:
+        return []
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"evaluate.safety_prompts: {path}: no such file")
+    return [[{"role": "user", "content": t}] for t in read_eval_prompts([path])]
+
+
+def contract_success(dataset_dir: Path) -> float:
+    from tasks.registry.gates import contract_ok
+
+    return 1.0 if contract_ok(json.loads((Path(dataset_dir) / "manifest.json").read_text(encoding="utf-8"))) else 0.0
+
+
+# ---------------------------------------------------------------- model scoring
+
+
+def encode_answer(tokenizer, prompt: list[dict], answer: str) -> tuple[list[int], list[int]]:
+    """(prompt ids with the generation prompt, answer ids incl. end of turn), split as the chat template renders."""
+
+    def ids(messages, gen):
+        return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=True)[
+            "input_ids"
+        ]
+
+    p = ids(prompt, True)
+    full = ids(prompt + [{"role": "assistant", "content": answer}], False)
+    if full[: len(p)] != p:
+        raise ValueError("chat template does not render the prompt as a prefix of prompt+answer")
+    return p, full[len(p) :]
+
+
+def _batch(pairs: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded ids, attention mask, and a mask over logits positions that predict answer tokens."""
+    import torch
+
+    width = max(len(p) + len(a) for p, a in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(pairs), width), dtype=torch.long)
+    target = torch.zeros((len(pairs), width - 1))
+    for b, (p, a) in enumerate(pairs):
+        ids[b, : len(p) + len(a)] = torch.tensor(p + a)
+        attn[b, : len(p) + len(a)] = 1
+        target[b, len(p) - 1 : len(p) + len(a) - 1] = 1
+    return ids, attn, target
+
+
+def answer_logprobs(model, pairs, pad_id: int, batch_size: int) -> list[float]:
+    """Sum of log p(answer token | prefix) per (prompt, answer) pair."""
+    import torch
+
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        ids, attn, target = _batch(pairs[i : i + batch_size], pad_id)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+        out.extend((lp * target).sum(-1).tolist())
+    return out
+
+
+def answer_kl(policy, ref, pairs, pad_id: int, batch_size: int) -> dict[str, float]:
+    import torch
+
+    seq_kl, tokens = [], []
+    for i in range(0, len(pairs), batch_size):
+        ids, attn, target = _batch(pairs[i : i + batch_size], pad_id)
+        with torch.inference_mode():
+            lp = policy(input_ids=ids, attention_mask=attn).logits[:, :-1]
+            lq = ref(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        s, n = eval_stats.token_kl_sums(lp, lq, target)
+        seq_kl.append(s)
+        tokens.append(n)
+    seq_kl, tokens = torch.cat(seq_kl), torch.cat(tokens)
+    return {"kl_per_token": float(seq_kl.sum() / tokens.sum().clamp(min=1)), "kl_per_sequence": float(seq_kl.mean())}
+
+
+def generation_settings(cfg) -> GenerationSpec:
+    return GenerationSpec(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+    )
+
+
+# ---------------------------------------------------------------- the evaluation
+
+
+class _Scorer:
+    """The reward model, loaded once (tasks/reward.py scores: one reward per conversation)."""
+
+    def __init__(self, model_dir: Path, batch_size: int):
+        from tasks.training.reward import load_scorer
+
+        self.model_dir, self.batch_size, self.loaded = Path(model_dir), batch_size, load_scorer(Path(model_dir))
+
+    def __call__(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
+        from tasks.training.reward import score
+
+        convs = [p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
+        return score(self.model_dir, convs, self.batch_size, _loaded=self.loaded)
+
+
+def heldout_preference_metrics(
+    rows: list[dict], rm: _Scorer, policy_gen, ref_gen, batch_size: int
+) -> dict[str, float]:
+    """Held-out pair accuracy of the reward model and of the policy's implicit DPO reward."""
+    prompts = [[dict(m) for m in r["prompt"]] for r in rows]
+    chosen = [r["chosen"][-1]["content"] for r in rows]
+    rejected = [r["rejected"][-1]["content"] for r in rows]
+    out = {
+        "rm_accuracy": eval_stats.preference_accuracy(rm(prompts, chosen), rm(prompts, rejected)),
+        "n_pairs": float(len(rows)),
+    }
+    tok, pad = policy_gen.tokenizer, policy_gen.tokenizer.pad_token_id
+    margin = {}
+    for side, answers in (("chosen", chosen), ("rejected", rejected)):
+        pairs = [encode_answer(tok, p, a) for p, a in zip(prompts, answers)]
+        pol = answer_logprobs(policy_gen.model, pairs, pad, batch_size)
+        ref = answer_logprobs(ref_gen.model, pairs, pad, batch_size)
+        margin[side] = [a - b for a, b in zip(pol, ref)]
+    out["dpo_accuracy"] = eval_stats.preference_accuracy(margin["chosen"], margin["rejected"])
+    return out
+
+
+def head_to_head(prompts: list[list[dict]], policy_gen, sft_gen, rm: _Scorer, cfg) -> tuple[dict, list[dict]]:
+    """Policy vs SFT on the same prompts: RM-judged win rate with CI, KL to SFT, answer lengths."""
+    policy_out, sft_out = policy_gen(prompts), sft_gen(prompts)
+    p_text, s_text = [o.text for o in policy_out], [o.text for o in sft_out]
+    p_score, s_score = rm(prompts, p_text), rm(prompts, s_text)
+    outcomes = eval_stats.win_outcomes(p_score, s_score, cfg.tie_epsilon)
+    metrics = eval_stats.win_rate_summary(outcomes, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+    tok = policy_gen.tokenizer
+    pairs = [encode_answer(tok, p, a) for p, a in zip(prompts, p_text)]
+    metrics.update(answer_kl(policy_gen.model, sft_gen.model, pairs, tok.pad_token_id, cfg.batch_size))
+    metrics.update(eval_stats.length_stats([o.num_tokens for o in policy_out], "len_policy"))
+    metrics.update(eval_stats.length_stats([o.num_tokens for o in sft_out], "len_sft"))
+    metrics["len_ratio"] = metrics["len_policy_mean"] / max(metrics["len_sft_mean"], 1e-9)
+    metrics["rm_policy_mean"] = sum(p_score) / len(p_score)
+    metrics["rm_sft_mean"] = sum(s_score) / len(s_score)
+    table = [
+        {
+            "prompt": p[-1]["content"],
+            "policy": a,
+            "sft": b,
+            "rm_policy": round(x, 4),
+            "rm_sft": round(y, 4),
+            "outcome": {1: "win", 0: "tie", -1: "loss"}[int(o)],
+        }
+        for p, a, b, x, y, o in zip(prompts, p_text, s_text, p_score, s_score, outcomes)
+    ]
+    return metrics, table
+
+
+def safety_metrics(prompts: list[list[dict]], gen, rm: _Scorer, prefix: str = "safety_") -> tuple[dict, list[str]]:
+    """RM score and refusal rate of one model's answers to the red-team prompts."""
+    answers = [o.text for o in gen(prompts)]
+    scores = rm(prompts, answers)
+    return {
+        f"{prefix}rm_mean": sum(scores) / len(scores),
+        f"{prefix}refusal_rate": eval_stats.refusal_rate(answers),
+    }, answers
+
+
+def other_champion(recipe, policy_run_id: str | None) -> int | None:
+    """Version of the current champion of ``<recipe>-<promote.model>``, unless there is none or it is the
+    policy under evaluation itself (a reused stage re-evaluated: comparing a model with itself says nothing)."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.registry.versions import CHAMPION, alias_version, registered_name
+
+    client = MlflowClient()
+    name = registered_name(recipe.name, recipe.promote.model)
+    version = alias_version(client, name, CHAMPION)
+    if version is None or (policy_run_id and client.get_model_version(name, str(version)).run_id == policy_run_id):
+        return None
+    return version
+
+
+def champion_safety(recipe, version: int | None, prompts: list[list[dict]], rm: _Scorer, settings) -> dict[str, float]:
+    """The champion (``version`` of ``<recipe>-<promote.model>``) on the same red-team prompts and RM."""
+    import mlflow
+
+    from tasks.registry.versions import registered_name
+    from tasks.training.generation import load_generator
+
+    if version is None or not prompts:
+        return {}
+    name = registered_name(recipe.name, recipe.promote.model)
+    folder = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}")
+    metrics, _ = safety_metrics(
+        prompts, load_generator(folder, settings, progress=False), rm, prefix=CHAMPION_PREFIX + "safety_"
+    )
+    return {**metrics, CHAMPION_PREFIX + "version": float(version)}
+
+
+def run_evaluation(recipe, dataset_dir: Path, sft, reward, dpo, champion: int | None = None) -> dict:
+    """Evaluate the run's SFT, reward and DPO outputs (``StageResult``s); returns the metrics dict.
+
+    Logged to a nested MLflow run ``evaluate`` (metrics, generation samples as tables) and, inside a Prefect
+    run, a table artifact. Safety generations come first so that every model's red-team answers use the
+    same seed (the generator reseeds per call), the champion's included.
+    """
+    from tasks.training.generation import load_generator
+
+    cfg, dataset_dir = recipe.evaluate, Path(dataset_dir)
+    settings = generation_settings(cfg)
+    rows = test_pairs(dataset_dir, cfg.max_pairs)
+    if not rows:
+        raise ValueError(f"{dataset_dir / 'test.parquet'}: no held-out rows to evaluate on")
+    prompts = test_prompts(rows, cfg.max_prompts)
+    red_team = read_safety_prompts(cfg.safety_prompts)
+    rm = _Scorer(reward.model_dir, cfg.batch_size)
+    policy = load_generator(str(dpo.model_dir), settings, progress=False, desc="evaluate policy")
+    ref = load_generator(str(sft.model_dir), settings, progress=False, desc="evaluate sft")
+    metrics: dict[str, float] = {"contract_success": contract_success(dataset_dir)}
+    safety_rows: list[dict] = []
+    if red_team:
+        pol_safety, pol_answers = safety_metrics(red_team, policy, rm)
+        sft_safety, sft_answers = safety_metrics(red_team, ref, rm, prefix="safety_sft_")
+        metrics.update(pol_safety | sft_safety | {"safety_n": float(len(red_team))})
+        metrics.update(champion_safety(recipe, champion, red_team, rm, settings))
+        safety_rows = [
+            {
+                "prompt": p[-1]["content"],
+                "policy": a,
+                "sft": b,
+                "policy_refuses": eval_stats.is_refusal(a),
+                "sft_refuses": eval_stats.is_refusal(b),
+            }
+            for p, a, b in zip(red_team, pol_answers, sft_answers)
+        ]
+    h2h, samples = head_to_head(prompts, policy, ref, rm, cfg)
+    metrics.update(h2h)
+    metrics.update(heldout_preference_metrics(rows, rm, policy, ref, cfg.batch_size))
+    with tracking.stage_run("evaluate", recipe, dataset_dir, params=cfg.model_dump(mode="json")):
+        log_evaluation(metrics, samples[: cfg.sample_rows], safety_rows)
+    return metrics
+
+
+def log_evaluation(metrics: dict, samples: list[dict], safety_rows: list[dict]) -> None:
+    import mlflow
+
+    tracking.log_summary(metrics)
+    if samples:
+        mlflow.log_table({k: [r[k] for r in samples] for k in samples[0]}, artifact_file="eval/generations.json")
+    if safety_rows:
+        mlflow.log_table({k: [r[k] for r in safety_rows] for k in safety_rows[0]}, artifact_file="eval/safety.json")
+
+
+def evaluation_table(metrics: dict) -> list[dict]:
+    return [{"metric": k, "value": round(float(v), 4)} for k, v in sorted(metrics.items())]
+
+
+def publish_evaluation(recipe_name: str, metrics: dict) -> None:
+    """Prefect table artifact of the metrics, when running inside a flow or task."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if TaskRunContext.get() or FlowRunContext.get():
+        from prefect.artifacts import create_table_artifact
+
+        key = re.sub(r"[^a-z0-9-]+", "-", f"{recipe_name}-evaluation".lower())
+        create_table_artifact(
+            evaluation_table(metrics),
+            key=key,
+            description=f"Held-out evaluation of `{recipe_name}`: policy (DPO) vs SFT",
+        )
+
+
+def evaluation_key(recipe, dataset_dir: Path, sft, reward, dpo, champion: int | None) -> str:
+    """What the metrics depend on: the three models (their stage runs), the held-out data, the evaluate
+    section, the champion compared against, and this module's code."""
+    payload = {
+        "dataset": Path(dataset_dir).name,
+        "models": [str(r.model_dir) for r in (sft, reward, dpo)],
+        "runs": [r.run_id for r in (sft, reward, dpo)],
+        "evaluate": recipe.evaluate.model_dump(mode="json"),
+        "champion": champion,
+        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)  # keyed by content below, like the training stages
+def evaluate_stage(recipe, dataset_dir: Path, sft, reward, dpo) -> dict:
+    """Evaluate, or reuse the metrics of an identical evaluation (same models, data, settings, champion):
+    an unchanged re-run of `align` then costs no generation at all."""
+    from tasks.training.stage import default_runs_root
+
+    champion = other_champion(recipe, dpo.run_id)
+    key = evaluation_key(recipe, dataset_dir, sft, reward, dpo, champion)
+    path = default_runs_root() / recipe.name / Path(dataset_dir).name / f"evaluate-{key}.json"
+    if path.is_file():
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        print(f"evaluate: reusing {path.name} (same models, data, settings and champion)")
+    else:
+        metrics = run_evaluation(recipe, dataset_dir, sft, reward, dpo, champion)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+        tmp.replace(path)
+    publish_evaluation(recipe.name, metrics)
+    return metrics

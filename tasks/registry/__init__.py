@@ -1,0 +1,1 @@
+"""MLflow: tracking (runs, params, curves), registry versions (the only writer) and promotion gates."""

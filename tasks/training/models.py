@@ -1,0 +1,293 @@
+"""Models and tokenizers: load from a hub id or a local HF folder, or bootstrap the tiny offline default.
+
+``bootstrap_tiny`` trains a byte-level BPE tokenizer on the train split (chat special tokens, ChatML with
+``{% generation %}`` markers) and builds a tiny Llama/Qwen2 causal LM from a config, seeded, saved as a
+normal HF folder. LoRA goes through PEFT; QLoRA (bitsandbytes 4-bit NF4) only where CUDA is present:
+bitsandbytes 0.50 loads 4-bit models on CPU without raising, so the device is checked explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from tasks.training.templates import SPECIAL_TOKENS, TEMPLATES, apply_chat_template_style
+
+TINY = "tiny"
+PAD_TOKEN = "<|endoftext|>"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ModelRefError(ValueError):
+    """A model reference that names nothing loadable; the message names the reference and the fix."""
+
+
+def resolve_model_ref(ref: str, key: str = "model") -> str:
+    """``package:<module>`` → the model folder the package ships; a local folder → its absolute path;
+    a hub id → unchanged (checked against the local cache when HF_HUB_OFFLINE is set)."""
+    if ref.startswith("package:"):
+        module_name = ref.split(":", 1)[1]
+        try:
+            mod = importlib.import_module(module_name)
+        except ImportError:
+            raise ModelRefError(f"{key}: {ref!r}: python package {module_name!r} is not installed") from None
+        getter = getattr(mod, "get_model_path", None)
+        folder = Path(getter()) if callable(getter) else Path(mod.__file__).parent / "model"
+        if not (folder / "config.json").is_file():
+            raise ModelRefError(f"{key}: {ref!r}: package has no model folder with config.json at {folder}")
+        return str(folder.resolve())
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+            raise ModelRefError(f"{key}: {ref!r} is a folder but holds no config.json (not an HF model folder)")
+        return str(path.resolve())
+    if ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
+        raise ModelRefError(
+            f"{key}: {ref!r}: no such model folder (give an existing HF folder, a hub id, or package:<module>)"
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(ref, "config.json"), str):
+            raise ModelRefError(
+                f"{key}: {ref!r}: hub model not in the local cache and HF_HUB_OFFLINE is set "
+                f"(download it first or name a local folder)"
+            )
+    return ref
+
+
+def model_identity(ref: str) -> str:
+    """Content identity of a model: hash of a folder's files (large files by name+size), or the hub id."""
+    path = Path(ref)
+    if not path.is_dir():
+        return f"hub:{ref}"
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        if size <= 64 << 20:
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- tiny offline bootstrap
+
+
+def _train_texts(train_parquet: Path) -> list[str]:
+    table = pq.read_table(train_parquet, columns=["prompt", "chosen", "rejected"])
+    texts = []
+    for col in ("prompt", "chosen", "rejected"):
+        for messages in table.column(col).to_pylist():
+            texts.extend(m["content"] for m in messages)
+    return texts
+
+
+def build_tiny_tokenizer(texts: list[str], vocab_size: int, template: str = "chatml"):
+    """Byte-level BPE trained on ``texts`` with every chat style's special tokens (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD_TOKEN] + [t for name in TEMPLATES for t in SPECIAL_TOKENS[name]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token=PAD_TOKEN, additional_special_tokens=specials[1:]
+    )
+    apply_chat_template_style(fast, "chatml" if template == "auto" else template)
+    return fast
+
+
+def bootstrap_tiny(model_cfg, train_parquet: str | Path, out_dir: str | Path) -> Path:
+    """Build the tiny default (tokenizer trained on ``train_parquet`` + seeded random model) into ``out_dir``.
+
+    ``model_cfg`` is the recipe's ``model`` section (or its ``tiny`` part). Written atomically; an existing
+    complete folder is returned as is.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tiny = getattr(model_cfg, "tiny", model_cfg)
+    template = getattr(model_cfg, "chat_template", "chatml")
+    tokenizer = build_tiny_tokenizer(_train_texts(Path(train_parquet)), tiny.vocab_size, template)
+    config = AutoConfig.for_model(
+        tiny.architecture,
+        vocab_size=len(tokenizer),
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_hidden_layers,
+        num_attention_heads=tiny.num_attention_heads,
+        num_key_value_heads=tiny.num_key_value_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(tiny.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_tokenizer(ref: str | Path, chat_template: str = "auto"):
+    """Tokenizer with a chat template installed (its own under ``auto``) and a pad token set."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ref))
+    added = apply_chat_template_style(tokenizer, chat_template)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.init_kwargs["align_added_tokens"] = added  # read by callers that must resize embeddings
+    return tokenizer
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_causal_lm(ref: str | Path, dtype: str = "float32", quantization_config=None, tokenizer=None):
+    """Causal LM from a folder or hub id; embeddings resized when the tokenizer gained template tokens."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": _dtype(dtype)}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    model = AutoModelForCausalLM.from_pretrained(str(ref), **kwargs)
+    _fit_tokenizer(model, tokenizer)
+    return model
+
+
+def load_reward_model(ref: str | Path, dtype: str = "float32", quantization_config=None, tokenizer=None):
+    """Sequence-classification model with one output (the reward), from an LM, an encoder or an RM folder."""
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs = {"dtype": _dtype(dtype), "num_labels": 1}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    model = AutoModelForSequenceClassification.from_pretrained(str(ref), **kwargs)
+    _fit_tokenizer(model, tokenizer)
+    return model
+
+
+def _fit_tokenizer(model, tokenizer) -> None:
+    if tokenizer is None:
+        return
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+# ---------------------------------------------------------------- LoRA / QLoRA
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_quantization_supported(quantization: str, key: str = "lora.quantization") -> None:
+    """QLoRA needs CUDA; bitsandbytes on CPU does not raise by itself, so refuse here in one line."""
+    if quantization != "none" and not cuda_available():
+        raise ValueError(
+            f"{key}: {quantization!r} (QLoRA, bitsandbytes) needs a CUDA GPU and none is present; "
+            f"set quantization: none or run on a GPU host"
+        )
+
+
+def quantization_config(lora_cfg):
+    """BitsAndBytesConfig for the recipe's ``lora.quantization`` (4-bit NF4 = QLoRA), or None."""
+    if lora_cfg is None or lora_cfg.quantization == "none":
+        return None
+    check_quantization_supported(lora_cfg.quantization)
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if lora_cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def peft_config(lora_cfg, task_type: str = "CAUSAL_LM"):
+    """PEFT LoraConfig from the recipe's ``lora`` section (task_type CAUSAL_LM or SEQ_CLS), or None."""
+    if lora_cfg is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.lora_alpha,
+        lora_dropout=lora_cfg.lora_dropout,
+        target_modules=lora_cfg.target_modules,
+        task_type=task_type,
+    )
+
+
+def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` with LoRA adapters (k-bit preparation first when it is quantized)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model)
+    return get_peft_model(model, peft_config(lora_cfg, task_type))
+
+
+def save_final_model(model, tokenizer, out_dir: Path) -> Path:
+    """Write the stage's final HF folder.
+
+    LoRA on a full-precision base is merged (``merge_and_unload``): the folder is then a plain model that
+    ``from_pretrained`` and vLLM load with no PEFT. A quantized (QLoRA) base cannot be merged losslessly, so
+    there the adapter is saved and ``adapter_config.json`` names the base (load with PEFT).
+    """
+    from peft import PeftModel
+
+    out_dir = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if isinstance(model, PeftModel) and not quantized:
+        model = model.merge_and_unload()
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "align_model.json").write_text(json.dumps({"merged": not quantized}), encoding="utf-8")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir

