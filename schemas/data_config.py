@@ -36,7 +36,12 @@ class HubSource(Strict):
 
 
 class UltraFeedbackOptions(Strict):
-    score: Literal["overall_score", "mean_rating"] = "overall_score"
+    # mean_rating by default: upstream `overall_score` has a known bug (some critique scores of 1 became 10,
+    # so poor completions rank first); HuggingFaceH4/ultrafeedback_binarized re-derived its pairs from the
+    # mean of the four aspect ratings for that reason.
+    score: Literal["overall_score", "mean_rating"] = Field(
+        "mean_rating", description="completion score: mean of the aspect ratings, or the buggy overall_score"
+    )
     rejected: Literal["random", "lowest"] = "random"
 
 

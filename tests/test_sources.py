@@ -333,7 +333,7 @@ def test_ultrafeedback_overall_score_chosen_is_highest_rejected_strictly_lower()
 
 
 def test_ultrafeedback_shared_top_with_a_lower_one_picks_first_top():
-    rows = accepted(read("ultrafeedback", UF))
+    rows = accepted(read("ultrafeedback", UF, options={"score": "overall_score"}))
     assert rows[1]["chosen"] == [msg("assistant", "Paris.")] and rows[1]["score_chosen"] == 8.0
     assert rows[1]["rejected"] == [msg("assistant", "Lyon.")] and rows[1]["score_rejected"] == 5.0
 
@@ -380,7 +380,29 @@ def test_ultrafeedback_random_without_rng_is_a_programming_error():
     record = jsonl(UF)[0]
     with pytest.raises(ValueError, match="needs the per-row rng"):
         ADAPTERS["ultrafeedback"](record, UltraFeedbackOptions(), None)
-    assert ADAPTERS["ultrafeedback"](record, UltraFeedbackOptions(), random.Random(0))["score_chosen"] == 9.0
+    assert ADAPTERS["ultrafeedback"](record, UltraFeedbackOptions(), random.Random(0))["score_chosen"] == 4.75
+
+
+def test_ultrafeedback_default_score_is_mean_rating_not_buggy_overall_score():
+    """Upstream's overall_score bug: a critique score of 1 became 10, so a poor completion tops the row."""
+
+    def completion(response: str, rating: str, overall: float) -> dict:
+        aspects = ("helpfulness", "honesty", "instruction_following", "truthfulness")
+        return {
+            "response": response,
+            "annotations": {a: {"Rating": rating} for a in aspects},
+            "overall_score": overall,
+        }
+
+    record = {
+        "instruction": "Name a prime number.",
+        "completions": [completion("Primes are boring.", "1", 10.0), completion("2 is prime.", "5", 8.0)],
+    }
+    row = ADAPTERS["ultrafeedback"](record, None, random.Random(0))
+    assert row["chosen"] == [msg("assistant", "2 is prime.")] and row["score_chosen"] == 5.0
+    assert row["rejected"] == [msg("assistant", "Primes are boring.")] and row["score_rejected"] == 1.0
+    buggy = ADAPTERS["ultrafeedback"](record, {"score": "overall_score"}, random.Random(0))
+    assert buggy["chosen"] == [msg("assistant", "Primes are boring.")]
 
 
 # ---------------------------------------------------------------- ultrafeedback_binarized

@@ -1,10 +1,11 @@
 """OpenBMB UltraFeedback (raw): one instruction, several scored completions → one pair.
 
 Score per completion (``options.score``):
-- ``overall_score``: the float; missing, null or NaN → unscored.
-- ``mean_rating``: mean of the four aspect ``Rating`` strings (helpfulness, honesty,
+- ``mean_rating`` (default): mean of the four aspect ``Rating`` strings (helpfulness, honesty,
   instruction_following, truthfulness); "N/A" and missing ratings are left out of the mean; a
-  completion with no numeric rating is unscored.
+  completion with no numeric rating is unscored. HuggingFaceH4/ultrafeedback_binarized uses the same.
+- ``overall_score``: the float; missing, null or NaN → unscored. Upstream it has a known bug (some
+  critique scores of 1 became 10, so a poor completion can rank first): use it only to reproduce.
 Chosen = the highest score; if several share it, the first in the source's order (a shared top is
 fine while a strictly lower completion exists). Rejected (``options.rejected``): ``random`` = a seeded
 choice among the completions scored strictly lower (the rng is seeded per row, so the pick does not
