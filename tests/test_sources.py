@@ -490,6 +490,45 @@ def test_generic_fixture_bad_rows_quarantined_naming_the_problem():
     )
 
 
+def rm_static_shape(raw: dict) -> dict:
+    """A real hh-rlhf row in the shape of public RM datasets: prompt up to the cue, answers continue it."""
+    cut = raw["chosen"].rfind(A) + len(A) - 1  # keep "\n\nAssistant:", the space starts the answers
+    return {"prompt": raw["chosen"][:cut], "chosen": raw["chosen"][cut:], "rejected": raw["rejected"][cut:]}
+
+
+def test_generic_hh_transcript_prompt_real_rows_parse_as_hh_rlhf_does(tmp_path):
+    raws = jsonl(HH_REAL)
+    path = write_jsonl(tmp_path / "rm.jsonl", [rm_static_shape(r) for r in raws])
+    assert all(raws[i]["chosen"] == r["prompt"] + r["chosen"] for i, r in enumerate(jsonl(path)))
+    generic, hh = read("generic", path), read("hh-rlhf", HH_REAL)
+    assert generic.accepted.num_rows == hh.accepted.num_rows > 250
+    assert generic.accepted.select(["prompt", "chosen", "rejected"]).equals(
+        hh.accepted.select(["prompt", "chosen", "rejected"])
+    )
+    assert [r[0] for r in quarantined(generic).values()] == [r[0] for r in quarantined(hh).values()]
+    assert not any(
+        H.strip() in m["content"] for row in generic.accepted["prompt"].to_pylist() for m in row if m["role"] == "user"
+    )
+
+
+def test_generic_hh_transcript_prompt_unparseable_quarantined_with_reason(tmp_path):
+    rows = [
+        {"prompt": "Human: Hi?\n\nAssistant:", "chosen": " Hello.", "rejected": " Go away."},  # no blank line
+        {"prompt": f"{H}Hi?", "chosen": "Hello.", "rejected": "Go away."},  # answers have no cue to continue
+        {"prompt": f"{H}Hi?{A}Hello.{A[:-1]}", "chosen": " More.", "rejected": " Less."},  # two assistant turns
+        {"prompt": f"{H}Hi?{A[:-1]}", "chosen": f" Hello.{H}Thanks.", "rejected": " Go away."},  # answer goes on
+        {"prompt": f"{H}Hi?{A}", "chosen": [msg("assistant", "Hello.")], "rejected": [msg("assistant", "No.")]},
+    ]
+    result = read("generic", write_jsonl(tmp_path / "rm.jsonl", rows))
+    found = quarantined(result)
+    assert found[0][0] == Reason.MISSING_MARKER and "hh transcript: chosen: no '\\n\\nHuman: ' marker" in found[0][1]
+    assert found[1][0] == Reason.BAD_TURN_ORDER and "must end with the '\\n\\nAssistant:' cue" in found[1][1]
+    assert found[2][0] == Reason.BAD_TURN_ORDER and "prompt: must end with a user turn" in found[2][1]
+    assert found[3][0] == Reason.DIVERGENT_PROMPT and "read as one hh transcript" in found[3][1]
+    assert accepted(result)[4]["prompt"] == [msg("user", "Hi?")]
+    assert accepted(result)[4]["chosen"] == [msg("assistant", "Hello.")]
+
+
 # ---------------------------------------------------------------- readers, files, hub
 
 

@@ -8,7 +8,10 @@
 4. TRL: ``prompt``/``chosen``/``rejected`` as strings (→ user / assistant turns) or message lists. Answer
    lists that repeat the prompt as their prefix have it removed; with no ``prompt`` key, the prompt is
    the common prefix of the ``chosen``/``rejected`` lists (TRL's implicit prompt). Optional
-   ``score_chosen``/``score_rejected``.
+   ``score_chosen``/``score_rejected``. A string ``prompt`` holding an hh-style transcript
+   (``"\n\nHuman: …\n\nAssistant:"``, the shape of several public reward-model datasets) is cut into
+   its turns by the hh-rlhf adapter's rules (string answers continue it: ``prompt + answer`` is one
+   transcript), or quarantined with that adapter's reason; never one user turn with the markers inside.
 A row of none of these shapes is MISSING_FIELD naming the keys each shape needs.
 """
 
@@ -29,6 +32,7 @@ from tasks.data.sources.base import (
     user,
     wrong_type,
 )
+from tasks.data.sources.hh_rlhf import is_transcript, parse_continuations, transcript_prompt
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 SHAPES = (
@@ -101,8 +105,10 @@ def parse_trl(record: dict) -> dict:
     for key, value in (("chosen", chosen), ("rejected", rejected)):
         if value is None:
             raise RowError(Reason.MISSING_FIELD, f"missing field {key!r} (found keys: {sorted(record)})")
-    prompt = _turns(record, "prompt", user)
     scores = score(record, "score_chosen"), score(record, "score_rejected")
+    if isinstance(record.get("prompt"), str) and is_transcript(record["prompt"]):
+        return _transcript_pair(record, chosen, rejected, scores)
+    prompt = _turns(record, "prompt", user)
     if prompt is None:
         if not (isinstance(record["chosen"], list) and isinstance(record["rejected"], list)):
             raise RowError(
@@ -115,6 +121,15 @@ def parse_trl(record: dict) -> dict:
     if len(chosen) > n and len(rejected) > n and chosen[:n] == prompt and rejected[:n] == prompt:
         chosen, rejected = chosen[n:], rejected[n:]
     return pair(prompt, chosen, rejected, *scores)
+
+
+def _transcript_pair(record: dict, chosen: list[dict], rejected: list[dict], scores: tuple) -> dict:
+    """A string prompt in hh transcript form: string answers continue the transcript; message-list answers
+    follow the prompt's turns."""
+    if isinstance(record["chosen"], str) and isinstance(record["rejected"], str):
+        row = parse_continuations(record["prompt"], record["chosen"], record["rejected"])
+        return pair(row["prompt"], row["chosen"], row["rejected"], *scores)
+    return pair(transcript_prompt(record["prompt"]), chosen, rejected, *scores)
 
 
 def parse(record: dict, options=None, rng=None) -> dict:

@@ -12,6 +12,10 @@ message's content is the text between markers, byte-exact. Decisions (never gues
 - Prompt = longest common prefix of the two message lists; after it each side must have exactly one
   assistant turn (else DIVERGENT_PROMPT), and the prompt must end with a user turn (else BAD_TURN_ORDER).
   Equal sides, or one side a prefix of the other → PREFIX_SIDES (TRL's extract_prompt leaks a message).
+
+Other adapters read transcripts through the public functions below (``is_transcript``,
+``transcript_prompt``, ``parse_continuations``): the generic adapter's string ``prompt`` in the shape of
+several public reward-model datasets (``"\n\nHuman: …\n\nAssistant:"`` + answers ``" …"``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,45 @@ def transcript_messages(text: str, field: str) -> list[dict]:
     if len(out) == len(pieces) - 1:
         raise RowError(Reason.MISSING_MARKER, f"{field}: no {ASSISTANT!r} turn")
     return out
+
+
+def is_transcript(text: str) -> bool:
+    """Whether ``text`` holds an hh-style turn marker (at a turn boundary, or a leading ``"Human: "``)."""
+    return HUMAN in text or _TRAILING[1] in text or text.startswith(HUMAN.lstrip("\n"))
+
+
+def _cue_body(text: str, field: str) -> str:
+    """``text`` without its final ``"\n\nAssistant:"`` cue (the answers continue it); raises without one."""
+    for cue in (ASSISTANT, _TRAILING[1]):
+        if text.endswith(cue):
+            return text[: -len(cue)]
+    raise RowError(
+        Reason.BAD_TURN_ORDER,
+        f"{field}: an hh-style transcript prompt must end with the {_TRAILING[1]!r} cue its answers continue "
+        f"(ends {text[-40:]!r})",
+    )
+
+
+def transcript_prompt(text: str, field: str = "prompt") -> list[dict]:
+    """The turns of a transcript prompt ``"\n\nHuman: …\n\nAssistant:"``, without the empty final cue."""
+    turns = transcript_messages(_cue_body(text, field) + ASSISTANT, field)
+    return turns[:-1]
+
+
+def parse_continuations(prompt: str, chosen: str, rejected: str) -> dict:
+    """A transcript prompt and the two answers that continue it → a canonical pair, by this adapter's rules
+    (``prompt + answer`` is one hh transcript). The space after the cue's colon belongs to the marker:
+    ``"…Assistant:"`` + ``" Sure."`` is the answer ``"Sure."``, as in the transcript ``"…Assistant: Sure."``."""
+    body = _cue_body(prompt, "prompt")
+    spaced = prompt.endswith(ASSISTANT)
+
+    def full(answer: str) -> str:
+        return body + ASSISTANT + (answer[1:] if not spaced and answer.startswith(" ") else answer)
+
+    try:
+        return parse({"chosen": full(chosen), "rejected": full(rejected)})
+    except RowError as e:
+        raise RowError(e.reason, f"prompt + answers read as one hh transcript: {e.detail}") from None
 
 
 def _cut(pieces: list[str]) -> list[dict]:
