@@ -134,12 +134,12 @@ def main() -> None:
     hh_rows.append({"chosen": "What is 2 plus 2? 4.", "rejected": "What is 2 plus 2? No idea."})  # no markers
     write_jsonl("hh-rlhf.jsonl", hh_rows)
 
-    orca_rows = [
+    orca_rows = [  # rejected answers start with a space, as every one does upstream (strip_answer_edges)
         {
             "system": "" if i % 5 == 0 else "You are a helpful assistant. Answer briefly and correctly.",
             "question": q,
             "chosen": good,
-            "rejected": bad,
+            "rejected": " " + bad,
         }
         for i, (q, good, bad) in enumerate(orca)
     ]

@@ -25,6 +25,9 @@ class ExpectationSpec(BaseModel):
     severity: Literal["critical", "warning"]
     description: str
     small_data: SmallData | None = None
+    report: list[str] = Field(
+        default_factory=list, description="view columns shown beside each unexpected row in reports (e.g. counts)"
+    )
 
     @field_validator("type")
     @classmethod

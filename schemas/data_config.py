@@ -49,13 +49,21 @@ class BinarizedOptions(Strict):
     keep_ties: bool = False
 
 
+class OrcaOptions(Strict):
+    strip_answer_edges: bool = Field(
+        False,
+        description="strip whitespace at both ends of chosen and rejected: upstream every rejected answer "
+        "starts with a space and no chosen one does, a label a reward model learns instead of the preference",
+    )
+
+
 class NoOptions(Strict):
     pass
 
 
 FORMAT_OPTIONS: dict[str, type[Strict]] = {
     "hh-rlhf": NoOptions,
-    "orca_dpo_pairs": NoOptions,
+    "orca_dpo_pairs": OrcaOptions,
     "ultrafeedback": UltraFeedbackOptions,
     "ultrafeedback_binarized": BinarizedOptions,
     "generic": NoOptions,

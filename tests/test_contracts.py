@@ -15,6 +15,7 @@ from tasks.data.contracts import (
     ContractResult,
     SuiteError,
     build_views,
+    describe_breach,
     load_suite,
     publish_contract_artifact,
     publish_summary_artifact,
@@ -238,6 +239,33 @@ def test_run_contract_warning_only_breach_reports_and_succeeds():
     assert [w["name"] for w in result.warnings] == ["quarantine_reason_known"]
     assert result.warnings[0]["unexpected_ids"] == ["demo/a:20"]
     result.raise_for_critical()  # warnings never raise
+
+
+ORCA_REAL = REPO.parent / "shared" / "data" / "orca_dpo_pairs" / "train.head50.jsonl"
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_run_contract_orca_real_rows_side_asymmetry_warned_with_counts_unless_stripped(strip):
+    from schemas.data_config import SourceConfig
+    from tasks.data.sources import read_source
+
+    options = {"strip_answer_edges": True} if strip else {}
+    cfg = SourceConfig(name="orca", format="orca_dpo_pairs", path=str(ORCA_REAL), options=options)
+    source = read_source(cfg)
+    rows = source.accepted.to_pylist()
+    result = run(rows[5:], rows[:5], params={**PARAMS, "max_chars": 10_000, "allowed_sources": ["orca"]})
+    assert result.success, result.critical_failures
+    warned = {w["name"]: w for w in result.warnings}
+    # Length: upstream's rejected answers are longer on average (ratio 0.60), stripped or not.
+    assert warned["length_ratio_balanced"]["unexpected_rows"][0]["length_ratio"] == pytest.approx(0.601, abs=1e-3)
+    if strip:
+        assert "leading_whitespace_balanced" not in warned and "trailing_whitespace_balanced" not in warned
+        return
+    counts = {"row_ref": "orca", "rows_in_splits": 50, "chosen_leading_ws": 0, "rejected_leading_ws": 50}
+    assert warned["leading_whitespace_balanced"]["unexpected_rows"] == [counts]
+    assert "trailing_whitespace_balanced" not in warned
+    message = [describe_breach(w) for w in result.warnings if w["name"] == "leading_whitespace_balanced"]
+    assert message and "orca (rows_in_splits=50, chosen_leading_ws=0, rejected_leading_ws=50)" in message[0]
 
 
 def test_run_contract_test_share_off_is_warning_on_small_data_and_critical_on_large():

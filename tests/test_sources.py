@@ -302,6 +302,17 @@ def test_orca_real_rows_keep_rejected_leading_space():
         assert row["chosen"] == [msg("assistant", raws[i]["chosen"])]
 
 
+def test_orca_strip_answer_edges_option_strips_both_answers_only():
+    raws = jsonl(ORCA_REAL)
+    rows = accepted(read("orca_dpo_pairs", ORCA_REAL, options={"strip_answer_edges": True}))
+    assert len(rows) == 50
+    for i, row in rows.items():
+        assert row["chosen"] == [msg("assistant", raws[i]["chosen"].strip())]
+        assert row["rejected"] == [msg("assistant", raws[i]["rejected"].strip())]
+        assert row["prompt"][-1] == msg("user", raws[i]["question"])  # the prompt stays byte-exact
+    assert not any(r["rejected"][0]["content"][:1].isspace() for r in rows.values())
+
+
 def test_orca_bad_fields_quarantined_naming_the_field(tmp_path):
     path = write_jsonl(
         tmp_path / "orca.jsonl",

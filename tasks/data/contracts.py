@@ -32,7 +32,9 @@ from schemas.contract import ExpectationSpec, Suite, gx_expectation_class  # noq
 from schemas.preference import ROLES, Reason, render_messages
 
 VIEWS = ("rows", "splits", "sources", "quarantine")
+SIDES = ("chosen", "rejected")
 ROW_REF = "row_ref"  # the view column that names a row in breach messages
+EDGES = ("leading_ws", "trailing_ws", "chars")  # per-answer columns of `rows`, summed per source
 MAX_EXAMPLE_IDS = 10
 DOCS_SITE = "align"
 BUILTIN_PARAMS = {"reason_codes": [r.value for r in Reason], "roles": list(ROLES)}
@@ -157,6 +159,8 @@ def _rows_view(train: pa.Table, test: pa.Table) -> pa.Table:
     min_turn_chars / max_turn_chars: shortest / longest content over all turns (null content counts 0).
     answers_identical: chosen and rejected render to the same role+content text.
     prompt_hash_in_both_splits: the row's prompt_hash occurs in train and in test.
+    {chosen,rejected}_leading_ws / _trailing_ws: the answer's first turn starts / last turn ends with
+    whitespace. {chosen,rejected}_chars: characters over the answer's turns. (Summed per source in `sources`.)
     """
     both = pa.concat_tables([train, test], promote_options="permissive")
     n = both.num_rows
@@ -183,6 +187,7 @@ def _rows_view(train: pa.Table, test: pa.Table) -> pa.Table:
             "max_turn_chars": turn_max,
             "answers_identical": _identical(both["chosen"], both["rejected"], chosen, rejected),
             "prompt_hash_in_both_splits": pc.and_(in_train, in_test),
+            **{f"{side}_{k}": stats[k] for side, stats in (("chosen", chosen), ("rejected", rejected)) for k in EDGES},
         }
     )
 
@@ -208,6 +213,13 @@ def _turn_stats(column: pa.ChunkedArray, n: int) -> dict[str, Any]:
             stats[key][nonempty] = ufunc.reduceat(chars, starts[nonempty])
     last = pa.array(np.where(nonempty, ends - 1, 0), mask=~nonempty)
     stats["last_role"] = pc.fill_null(pc.take(roles, last), "<none>")
+    contents = pc.struct_field(flat, "content")
+    first = pa.array(np.where(nonempty, starts, 0), mask=~nonempty)
+    # Whitespace at the answer's edges, one flag per row: a side that always has it (orca's rejected
+    # answers start with a space) is a feature a reward model learns instead of the preference.
+    stats["leading_ws"] = _fill_false(pc.utf8_is_space(pc.utf8_slice_codeunits(pc.take(contents, first), 0, 1)))
+    stats["trailing_ws"] = _fill_false(pc.utf8_is_space(pc.utf8_slice_codeunits(pc.take(contents, last), -1)))
+    stats["chars"] = stats["total_chars"]
     parents = np.repeat(np.arange(n), lengths)
 
     def roles_in(allowed: tuple[str, ...]) -> np.ndarray:
@@ -216,6 +228,10 @@ def _turn_stats(column: pa.ChunkedArray, n: int) -> dict[str, Any]:
 
     stats["roles_in"] = roles_in
     return stats
+
+
+def _fill_false(flags: pa.Array) -> np.ndarray:
+    return flags.fill_null(False).to_numpy(zero_copy_only=False)
 
 
 def _identical(chosen: pa.ChunkedArray, rejected: pa.ChunkedArray, c: dict, r: dict) -> np.ndarray:
@@ -237,6 +253,8 @@ def _sources_view(rows: pa.Table, quarantine: pa.Table, counts: dict) -> pa.Tabl
     names = sorted(set(per_source) | set(in_rows) | set(in_quarantine))
     got = {k: [int(per_source.get(s, {}).get(k, 0)) for s in names] for k in ("read", "accepted", "quarantined")}
     accounted = [a + q for a, q in zip(got["accepted"], got["quarantined"])]
+    counts_columns = ("read", "accepted", "quarantined", "accounted", "rows_in_splits", "rows_in_quarantine")
+    edges = _side_edges(rows, names, [in_rows.get(s, 0) for s in names])
     return pa.table(
         {
             ROW_REF: names,
@@ -246,16 +264,34 @@ def _sources_view(rows: pa.Table, quarantine: pa.Table, counts: dict) -> pa.Tabl
             "rows_in_splits": [in_rows.get(s, 0) for s in names],
             "rows_in_quarantine": [in_quarantine.get(s, 0) for s in names],
             "quarantine_share": [q / r if r else 0.0 for q, r in zip(got["quarantined"], got["read"])],
+            **edges,
         },
         schema=pa.schema(
             [(ROW_REF, pa.string()), ("source", pa.string())]
-            + [
-                (c, pa.int64())
-                for c in ("read", "accepted", "quarantined", "accounted", "rows_in_splits", "rows_in_quarantine")
-            ]
+            + [(c, pa.int64()) for c in counts_columns]
             + [("quarantine_share", pa.float64())]
+            + [(c, pa.int64() if c.endswith("_ws") else pa.float64()) for c in edges]
         ),
     )
+
+
+def _side_edges(rows: pa.Table, names: list[str], pairs: list[int]) -> dict[str, list]:
+    """Per source: answers with leading / trailing whitespace on each side (counts), the gap between the
+    sides' shares, and the length ratio (mean chosen chars / mean rejected chars). Null without rows."""
+    summed = rows.group_by("source").aggregate([(f"{side}_{k}", "sum") for side in SIDES for k in EDGES])
+    found = {r["source"]: r for r in summed.to_pylist()}
+    out: dict[str, list] = {f"{side}_{k}": [] for k in ("leading_ws", "trailing_ws") for side in SIDES}
+    out |= {"leading_ws_gap": [], "trailing_ws_gap": [], "length_ratio": []}
+    for name, n in zip(names, pairs):
+        r = found.get(name)
+        for k in ("leading_ws", "trailing_ws"):
+            c, j = (int(r[f"{side}_{k}_sum"]) if r else 0 for side in SIDES)
+            out[f"chosen_{k}"].append(c)
+            out[f"rejected_{k}"].append(j)
+            out[f"{k}_gap"].append(abs(c - j) / n if n else None)
+        chars = [r[f"{side}_chars_sum"] for side in SIDES] if r else [0, 0]
+        out["length_ratio"].append(chars[0] / chars[1] if n and chars[1] else None)
+    return out
 
 
 def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
@@ -297,14 +333,27 @@ class ContractResult:
     def raise_for_critical(self) -> None:
         if self.success:
             return
-        lines = [_describe(f) for f in self.critical_failures]
+        lines = [describe_breach(f) for f in self.critical_failures]
         raise ContractBreach(
             f"data contract {self.summary['suite']!r}: {len(lines)} critical expectation(s) failed\n  "
             + "\n  ".join(lines)
         )
 
 
-def _describe(failure: dict) -> str:
+def _reported(view: pa.Table, ids: list, columns: list[str]) -> list[dict]:
+    """The `report` columns of the view rows named in a breach, in the order GX named them."""
+    picked = view.filter(pc.is_in(view[ROW_REF], value_set=pa.array([str(i) for i in ids], pa.string())))
+    by_ref = {r[ROW_REF]: r for r in picked.select([ROW_REF, *columns]).to_pylist()}
+    return [_jsonable(by_ref[str(i)]) for i in ids if str(i) in by_ref]
+
+
+def describe_breach(failure: dict) -> str:
+    reported = failure.get("unexpected_rows")
+    if reported:
+        ids = ", ".join(
+            f"{r[ROW_REF]} ({', '.join(f'{k}={v}' for k, v in r.items() if k != ROW_REF)})" for r in reported
+        )
+        return f"{failure['name']} [{failure['table']}]: {failure['unexpected_count']} unexpected row(s): {ids}"
     ids = ", ".join(str(i) for i in failure["unexpected_ids"]) or "-"
     count = failure["unexpected_count"]
     what = f"{count} unexpected row(s)" if count is not None else f"observed {failure['observed']!r}"
@@ -330,7 +379,14 @@ def run_contract(
     total_rows = views["rows"].num_rows
     kwargs = _resolved_kwargs(suite, views, {**BUILTIN_PARAMS, **suite.params, **params}, suite_path)
     gx_results, docs_index = _validate(suite, views, kwargs, total_rows, suite_path, docs_dir)
+    if docs_index is not None:  # local copies of the CDN assets, links rewritten, the quarantine page
+        from tasks.data.docs import finish_docs
+
+        finish_docs(docs_index.parent, quarantine, counts)
     entries = [_entry(spec, gx_results[spec.id], spec.severity_for(total_rows)) for spec in suite.expectations]
+    for spec, entry in zip(suite.expectations, entries):
+        if spec.report and not entry["success"]:
+            entry["unexpected_rows"] = _reported(views[spec.view], entry["unexpected_ids"], spec.report)
     critical = [e for e in entries if not e["success"] and e["severity"] == "critical"]
     warnings = [e for e in entries if not e["success"] and e["severity"] == "warning"]
     summary = {
@@ -359,6 +415,7 @@ def _resolved_kwargs(suite: Suite, views: dict[str, pa.Table], values: dict, sui
         except ValueError as e:
             raise SuiteError(f"{suite_path}: expectation {spec.id!r}: {e}") from None
         named = [kwargs.get(k) for k in ("column", "column_A", "column_B")] + list(kwargs.get("column_list") or [])
+        named += spec.report
         columns = views[spec.view].column_names
         for column in filter(None, named):
             if column not in columns:
@@ -519,7 +576,7 @@ def publish_summary_artifact(summary: dict, key: str, docs_index: Path | None = 
         f"{'passed' if summary['success'] else 'FAILED'}**",
         f"{totals['passed']}/{totals['expectations']} expectations met; rows: {totals['rows']}",
     ]
-    lines += [f"- {e['severity']}: {_describe(e)}" for e in entries if not e["success"]]
+    lines += [f"- {e['severity']}: {describe_breach(e)}" for e in entries if not e["success"]]
     if docs_index is not None:
         lines.append(f"Data Docs: `{docs_index}`")
     create_table_artifact(table=table, key=key, description="\n\n".join(lines))
