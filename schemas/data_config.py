@@ -129,5 +129,11 @@ class DataConfig(Strict):
         default_factory=list,
         description="files of evaluation prompts (.txt one per line, or .jsonl with `prompt`) removed from train",
     )
+    decontaminate_ngram: int | None = Field(
+        None,
+        ge=4,
+        description="also drop rows whose user turn shares a run of this many words with an evaluation prompt "
+        "(or holds all of a shorter one), e.g. 13; empty = exact matches of normalised user turns only",
+    )
     split_tolerance: float = Field(0.05, ge=0, lt=1, description="allowed |test share - test_fraction| (contract)")
     contract: str = Field("data_contracts/preference.yaml", description="expectation suite for the splits")

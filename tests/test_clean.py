@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -93,6 +94,50 @@ def test_clean_decontamination_matches_normalised_final_user_turn():
         eval_prompts=["what is the capital of france?"],
     )
     assert reasons(out) == ["contaminated"]
+
+
+HH_REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.head300.jsonl"
+
+
+@pytest.fixture(scope="module")
+def hh_rows() -> pa.Table:
+    from schemas.data_config import SourceConfig
+    from tasks.data.sources import read_source
+
+    return read_source(SourceConfig(name="hh", format="hh-rlhf", path=str(HH_REAL))).accepted
+
+
+def user_turns(prompt: list[dict]) -> list[str]:
+    return [m["content"] for m in prompt if m["role"] == "user"]
+
+
+def test_clean_decontamination_matches_every_user_turn_not_only_the_last(hh_rows):
+    multi = [r for r in hh_rows.to_pylist() if len(user_turns(r["prompt"])) >= 2][:5]
+    assert len(multi) == 5
+    openings = [f"  {user_turns(r['prompt'])[0].upper()} " for r in multi]  # normalised: case, whitespace
+    out = clean_rows(hh_rows, DataConfig(), eval_prompts=openings)
+    found = {r["source_row"]: r for r in out.quarantine.to_pylist() if r["reason"] == "contaminated"}
+    assert {r["source_row"] for r in multi} <= set(found)
+    assert all(found[r["source_row"]]["detail"].startswith("user turn 1 of") for r in multi)
+    counts = out.decontamination["hh"]
+    assert counts["rows"] == hh_rows.num_rows and counts["contaminated"] == len(found)
+    assert counts["exact"] == counts["contaminated"] and counts["not_last_turn"] >= 5 and counts["ngram"] == 0
+
+
+def test_clean_decontamination_ngram_catches_lightly_edited_prompt(hh_rows):
+    long_turn = next(t for r in hh_rows.to_pylist() for t in user_turns(r["prompt"]) if len(t.split()) >= 20)
+    edited = [msg("user", "Quick question. " + long_turn.replace(".", "!") + " Thanks in advance.")]
+    short = [msg("user", "Please compute 3 + 3 and explain.")]
+    rows = table(
+        [row(edited, "Sure.", "No."), row(short, "6.", "7.", source_row=1), row("Hi", "a", "b", source_row=2)]
+    )
+    evals = [long_turn, "Please compute 3 + 3."]
+    assert clean_rows(rows, DataConfig(), eval_prompts=evals).quarantine.num_rows == 0  # exact misses both
+    out = clean_rows(rows, DataConfig(decontaminate_ngram=13), eval_prompts=evals)
+    assert reasons(out) == ["contaminated", "contaminated"] and out.accepted["source_row"].to_pylist() == [2]
+    assert f"shares a 13-word run with evaluation prompt {long_turn[:60]!r}" in out.quarantine["detail"][0].as_py()
+    assert "'Please compute 3 + 3.'" in out.quarantine["detail"][1].as_py()
+    assert out.decontamination["s"] == {"rows": 3, "contaminated": 2, "exact": 0, "ngram": 2, "not_last_turn": 0}
 
 
 def test_clean_token_limit_uses_tokenizer():

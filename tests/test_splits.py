@@ -45,6 +45,11 @@ def test_build_dataset_tiny_writes_version_with_reconciled_counts(tiny_dataset):
     assert sum(c["read"] for c in m["counts"]["per_source"].values()) == 2 + 180 + 61 + 39 + 40 + 80 - 2
     reasons = {r for per in m["counts"]["quarantine_reasons"].values() for r in per}
     assert {"duplicate", "missing_marker", "identical_sides", "tie", "contaminated"} <= reasons
+    decon = m["counts"]["decontamination"]  # per source; demo hh rows open with an eval prompt, then go on
+    assert decon["demo/hh-rlhf"]["not_last_turn"] > 0 and decon["demo/generic"]["exact"] == 5
+    assert sum(d["contaminated"] for d in decon.values()) == sum(
+        per.get("contaminated", 0) for per in m["counts"]["quarantine_reasons"].values()
+    )
     assert m["contract"]["success"] is True
     assert (tiny_dataset / "data_docs" / "index.html").is_file()
     assert all(f["sha256"] for f in m["files"].values())

@@ -8,8 +8,9 @@ Policy (one place, documented):
   an empty turn, and two answers that differ only in whitespace are identical sides.
 - Rules, first failing one wins, in this order: empty turn, identical sides, too short / too long
   (characters per turn; tokens of prompt + longer answer when a tokenizer is configured), exact duplicate
-  (same content id; the first occurrence in source order is kept), contaminated (the final user turn,
-  normalised as in `schemas.preference.normalise_prompt_text`, is an evaluation prompt).
+  (same content id; the first occurrence in source order is kept), contaminated (any user turn matches
+  an evaluation prompt, normalised as in `schemas.preference.normalise_prompt_text`, exactly or, with
+  `data.decontaminate_ngram`, by a shared word run: tasks/data/decontaminate.py).
 - Quarantine `raw` holds the canonical row as it reached cleaning (JSON); `source_row` traces it to the
   source's own row.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 import unicodedata
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +37,10 @@ from schemas.preference import (
     Reason,
     collapse_whitespace,
     content_id,
-    normalise_prompt_text,
     prompt_hash,
     render_messages,
 )
+from tasks.data.decontaminate import Decontaminator, counts_per_source
 
 SIDES = ("prompt", "chosen", "rejected")
 
@@ -48,10 +49,14 @@ SIDES = ("prompt", "chosen", "rejected")
 class CleanResult:
     accepted: pa.Table  # PREFERENCE_SCHEMA
     quarantine: pa.Table  # QUARANTINE_SCHEMA
+    decontamination: dict = field(default_factory=dict)  # per source: rows, contaminated, exact, ngram, ...
 
 
-def clean_rows(table: pa.Table, cfg: DataConfig, eval_prompts: Iterable[str] = (), tokenizer=None) -> CleanResult:
-    """Apply the cleaning policy above to canonical rows (in source order)."""
+def clean_rows(
+    table: pa.Table, cfg: DataConfig, eval_prompts: Iterable[str] | Decontaminator = (), tokenizer=None
+) -> CleanResult:
+    """Apply the cleaning policy above to canonical rows (in source order). ``eval_prompts``: texts to keep
+    out (matched as ``cfg.decontaminate_ngram`` says), or a ready :class:`Decontaminator`."""
     table = normalise_unicode(table, cfg.unicode_form)
     n = table.num_rows
     reasons = np.full(n, None, dtype=object)
@@ -96,15 +101,15 @@ def clean_rows(table: pa.Table, cfg: DataConfig, eval_prompts: Iterable[str] = (
 
     _mark_duplicates(table, reasons, details)
 
-    wanted = {normalise_prompt_text(p) for p in eval_prompts if p.strip()}
-    if wanted:
-        last_user = [normalise_prompt_text(m[-1]["content"]) if m else "" for m in table["prompt"].to_pylist()]
-        hit = np.array([t in wanted for t in last_user], dtype=bool)
-        mark(hit, Reason.CONTAMINATED, lambda i: "final user turn is an evaluation prompt (decontamination list)")
+    if not isinstance(eval_prompts, Decontaminator):
+        eval_prompts = Decontaminator.from_prompts(eval_prompts, cfg.decontaminate_ngram)
+    verdicts = eval_prompts.match(table["prompt"])
+    mark(verdicts.kind != None, Reason.CONTAMINATED, lambda i: verdicts.detail[i])  # noqa: E711
+    decontamination = counts_per_source(table["source"], verdicts, reasons == Reason.CONTAMINATED.value)
 
     bad = reasons != None  # noqa: E711
     accepted = table.filter(pa.array(~bad))
-    return CleanResult(accepted=accepted, quarantine=quarantine_from(table, bad, reasons, details))
+    return CleanResult(accepted, quarantine_from(table, bad, reasons, details), decontamination)
 
 
 def normalise_unicode(table: pa.Table, form: str) -> pa.Table:

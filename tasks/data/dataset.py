@@ -148,6 +148,8 @@ def build_dataset(recipe: Recipe, output_dir: Path | None = None, tokenizer=None
                 "test": counts_by(test.select(["source"]), "source"),
             },
             "quarantine_reasons": counts_by(quarantine.select(["source", "reason"]), "source", "reason"),
+            # per source: rows checked, contaminated (exact / n-gram match; matched before the last turn)
+            "decontamination": cleaned.decontamination,
         },
     }
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -254,12 +256,14 @@ def publish_dataset_report(dataset: DatasetVersion) -> None:
         f"`{dataset.path}` · train {m['counts']['train']} · test {m['counts']['test']} · "
         f"quarantine {m['counts']['quarantine']}",
         "",
-        "| source | read | accepted | quarantined | reasons |",
-        "|---|---|---|---|---|",
+        "| source | read | accepted | quarantined | reasons | contaminated (exact / n-gram / before last turn) |",
+        "|---|---|---|---|---|---|",
     ]
     for src, c in m["counts"]["per_source"].items():
         reasons = ", ".join(f"{k}: {v}" for k, v in m["counts"]["quarantine_reasons"].get(src, {}).items())
-        lines.append(f"| {src} | {c['read']} | {c['accepted']} | {c['quarantined']} | {reasons or '-'} |")
+        d = m["counts"].get("decontamination", {}).get(src)
+        decon = f"{d['contaminated']} ({d['exact']} / {d['ngram']} / {d['not_last_turn']})" if d else "-"
+        lines.append(f"| {src} | {c['read']} | {c['accepted']} | {c['quarantined']} | {reasons or '-'} | {decon} |")
     lines += ["", f"Data Docs: `{dataset.path / 'data_docs' / 'index.html'}`"]
     create_markdown_artifact("\n".join(lines), key="dataset-summary", description="rows per source and quarantine")
     publish_summary_artifact(m["contract"], key="data-quality")
