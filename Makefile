@@ -16,9 +16,27 @@ export PREFECT_HOME ?= $(CURDIR)/.align/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: install lint test demo up status down ingest align bench clean
+.PHONY: install browser docs-assets lint test demo up status down ingest align bench clean
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# Headless Chromium for the Data Docs browser test (tests/test_data_docs.py): Debian's `chromium` from apt,
+# where we are root or have password-less sudo (as on CI). Elsewhere a note; the test then skips, or fails under CI.
+BROWSERS := chromium chromium-browser google-chrome-stable google-chrome
+browser:
+	@if (for b in $(BROWSERS); do command -v $$b >/dev/null && exit 0; done; exit 1); then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing chromium (apt)"; apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null && chromium --version; \
+	elif command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then \
+	  echo "installing chromium (sudo apt)"; sudo apt-get update -qq && \
+	  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null && chromium --version; \
+	else echo "note: no chromium and no root for apt: tests/test_data_docs.py skips (fails under CI)"; fi
+
+# The Data Docs' CDN assets ship in tasks/data/docs_assets/ (package data, nothing fetched at install or run time).
+# This re-fetches them with `npm pack` and checks them against assets.json; only needed when a version changes.
+docs-assets: install
+	$(VPY) -m tasks.data.docs_vendor
 
 # torch first, with pip: pip finds the local CPU wheel (find-links); uv would not and would pull CUDA wheels.
 # Then uv (≈10x faster than pip here) installs the rest with bytecode compiled (imports 2-3x faster).
