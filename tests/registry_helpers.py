@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,38 @@ def use_temp_mlflow(root: Path, experiment: str = "align-tests") -> str:
         mlflow.create_experiment(experiment, artifact_location=(root / "artifacts").as_uri())
     mlflow.set_experiment(experiment)
     return uri
+
+
+@contextlib.contextmanager
+def other_store(root: Path, experiment: str = "align-tests"):
+    """Track into a fresh store under ``root`` inside the block; the previous store and experiment after it."""
+    previous_uri, previous_exp = (
+        mlflow.get_tracking_uri(),
+        mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id()),
+    )
+    use_temp_mlflow(root, experiment)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        mlflow.set_experiment(experiment_id=previous_exp.experiment_id)
+
+
+def log_stage_run(model_dir: Path, stage: str, metrics: dict | None = None) -> str:
+    """A stage run of the current store as tasks/training/stage.py logs it (metrics, ``model/``); its id."""
+    with mlflow.start_run(run_name=stage) as run:
+        mlflow.log_metrics(metrics or {})
+        mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    return run.info.run_id
+
+
+def tracked_stage_folder(model_dir: Path, stage_dir: Path, stage: str, metrics: dict) -> str:
+    """A finished stage folder (``model/`` + result.json) tracked as a run of the current store; its run id."""
+    shutil.copytree(model_dir, stage_dir / "model")
+    run_id = log_stage_run(stage_dir / "model", stage, metrics)
+    result = {"stage": stage, "method": stage, "base_model": "tiny", "metrics": metrics, "run_id": run_id}
+    (stage_dir / "result.json").write_text(json.dumps(result))
+    return run_id
 
 
 def build_tiny_models(root: Path) -> dict[str, Path]:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
-from registry_helpers import FakeStage, build_tiny_models, use_temp_mlflow, write_dataset_dir
+from registry_helpers import (
+    FakeStage,
+    build_tiny_models,
+    other_store,
+    tracked_stage_folder,
+    use_temp_mlflow,
+    write_dataset_dir,
+)
 
 from tasks.registry import versions as registry
 
@@ -120,3 +127,25 @@ def test_promote_version_already_champion_keeps_it_and_history(store, tiny_recip
     record = registry.promote_version("keep-dpo", v, recipe.promote)
     assert record["action"] == "keep" and "already the champion" in record["markdown"]
     assert registry.champion_history(client, "keep-dpo") == [v]
+
+
+def test_register_models_stage_run_missing_from_store_relogged_from_folder_and_registered_once(
+    store, tiny_recipe, tmp_path
+):
+    """A stage folder tracked in store A, reused while store B is current (another MLFLOW_TRACKING_URI or
+    `.align/` deleted): B gets a run logged from the folder and one version, not `Run ... not found`."""
+    stage_dir = tmp_path / "dpo-key"
+    with other_store(tmp_path / "store-a"):
+        run_a = tracked_stage_folder(store["models"]["dpo"], stage_dir, "dpo", {"final_reward_accuracy": 0.7})
+    recipe, stage = _recipe(tiny_recipe, "moved"), FakeStage("dpo", stage_dir / "model", run_a)
+    first = registry.register_models(recipe, {"dpo": stage}, METRICS, store["dataset"], "flow-b1")
+    again = registry.register_models(recipe, {"dpo": stage}, METRICS, store["dataset"], "flow-b2")
+    assert first == again == {"dpo": 1}
+    client = MlflowClient()
+    mv = client.get_model_version("moved-dpo", "1")
+    assert mv.run_id != run_a and mv.source == f"runs:/{mv.run_id}/model"
+    run = client.get_run(mv.run_id)
+    assert run.data.tags["align.relogged_from"] == run_a and run.data.tags["align.stage"] == "dpo"
+    assert run.data.metrics == {"final_reward_accuracy": 0.7} and run.data.params["method"] == "dpo"
+    assert "model/config.json" in {a.path for a in client.list_artifacts(mv.run_id, "model")}
+    assert len(client.search_runs([run.info.experiment_id], f"tags.`align.relogged_from` = '{run_a}'")) == 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
+
 from schemas.recipe import Recipe, deep_merge, load_recipe
 from tasks.registry import tracking
 
@@ -79,3 +81,35 @@ def test_log_curves_writes_a_png_per_plot_with_data_and_skips_empty_ones():
     assert written == ["plots/loss.png", "plots/reward_margin.png"]
     names = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots")}
     assert names == {"plots/loss.png", "plots/reward_margin.png"}
+
+
+@pytest.mark.slow
+def test_train_stage_reused_against_another_store_gets_a_run_there_with_its_model(tiny_dataset, tmp_path):
+    """`.align/` deleted or MLFLOW_TRACKING_URI changed between two runs of one recipe: the reused stage's
+    result.json names a run of the old store; the stage is logged into the new one (once) and registers."""
+    from mlflow import MlflowClient
+    from registry_helpers import FakeStage, other_store
+
+    from tasks.registry import versions
+    from tasks.training.sft import train_sft
+
+    recipe = Recipe.model_validate(
+        deep_merge(
+            _recipe().model_dump(mode="json"),
+            {"name": "moved", "sft": {"args": {"max_steps": 1, "eval_strategy": "no", "save_strategy": "no"}}},
+        )
+    )
+    with other_store(tmp_path / "a"):
+        trained = train_sft(recipe, tiny_dataset, None, tmp_path / "runs")
+    with other_store(tmp_path / "b"):
+        reused = train_sft(recipe, tiny_dataset, None, tmp_path / "runs")
+        again = train_sft(recipe, tiny_dataset, None, tmp_path / "runs")
+        stage = FakeStage("sft", reused.model_dir, reused.run_id)
+        version = versions.register_models(recipe, {"sft": stage}, {}, tiny_dataset, "flow-b")["sft"]
+        client = MlflowClient()
+        run = client.get_run(reused.run_id)
+        mv = client.get_model_version("moved-sft", str(version))
+    assert reused.reused and reused.run_id != trained.run_id and again.run_id == reused.run_id
+    assert run.data.tags["align.relogged_from"] == trained.run_id
+    assert run.data.params["args.max_steps"] == "1" and run.data.metrics["global_step"] == 1
+    assert run.inputs.dataset_inputs and mv.run_id == reused.run_id

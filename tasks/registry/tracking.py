@@ -23,6 +23,7 @@ from schemas.recipe import PROJECT_ROOT
 
 DEFAULT_DB = PROJECT_ROOT / ".align" / "mlflow.db"
 PARENT_ENV = "ALIGN_PARENT_RUN_ID"
+RELOGGED_FROM = "align.relogged_from"  # tag of a stage run logged again into another store: the original run id
 
 
 def tracking_uri(recipe=None) -> str:
@@ -46,12 +47,16 @@ def _artifact_root(uri: str) -> str | None:
 
 def setup(recipe) -> str:
     """Point MLflow at the recipe's store and experiment; returns the experiment id."""
+    return use_experiment(recipe.mlflow.experiment, recipe)
+
+
+def use_experiment(name: str, recipe=None) -> str:
+    """Point MLflow at the store (``tracking_uri(recipe)``) and experiment ``name``; returns the experiment id."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
     uri = tracking_uri(recipe)
     mlflow.set_tracking_uri(uri)
-    name = recipe.mlflow.experiment
     exp = mlflow.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp else mlflow.create_experiment(name, artifact_location=_artifact_root(uri))
     mlflow.set_experiment(experiment_id=exp_id)
@@ -90,7 +95,9 @@ def read_dataset_version(dataset_dir: Path) -> str:
     return Path(dataset_dir).name
 
 
-def log_dataset_inputs(recipe, dataset_dir: Path, splits=("train", "test"), extra: list[Path] = ()) -> None:
+def log_dataset_inputs(
+    recipe, dataset_dir: Path, splits=("train", "validation", "test"), extra: list[Path] = ()
+) -> None:
     """Lineage: each split as an mlflow.data input (digest = dataset version) + the manifest artifact."""
     import mlflow
     import pyarrow.parquet as pq
@@ -106,7 +113,7 @@ def log_dataset_inputs(recipe, dataset_dir: Path, splits=("train", "test"), extr
         ds = mlflow.data.from_pandas(
             df, source=str(path.resolve()), name=f"{recipe.name}/{version}/{split}", digest=f"{version}-{split}"[:36]
         )
-        mlflow.log_input(ds, context="training" if split != "test" else "eval")
+        mlflow.log_input(ds, context={"validation": "validation", "test": "eval"}.get(split, "training"))
     manifest = dataset_dir / "manifest.json"
     if manifest.is_file():
         mlflow.log_artifact(str(manifest), artifact_path="dataset")
@@ -209,7 +216,76 @@ def log_summary(metrics: dict) -> None:
 
 
 def log_model_folder(model_dir: Path, artifact_path: str = "model") -> None:
-    """The final HF folder as plain run artifacts (see benchmarks.train_overhead for why not log_model)."""
+    """The final HF folder as an MLflow model (a pyfunc that chats or scores, tasks/serving/pyfunc.py), the folder
+    itself at ``<artifact_path>/artifacts/hf``, uploaded once and never loaded."""
+    from tasks.serving.pyfunc import log_hf_model
+
+    log_hf_model(model_dir, artifact_path)
+
+
+# ---------------------------------------------------------------- a stage folder that outlives its store
+
+
+def stage_params(recipe, section: str, method: str, base_model: str) -> dict:
+    """The params of a stage run (its training run, and a re-log of it into another store)."""
+    return {"method": method, "base_model": base_model, **getattr(recipe, section).model_dump(mode="json")}
+
+
+def run_in_store(client, run_id: str) -> bool:
+    """Whether the current tracking store holds ``run_id`` (and it is not deleted)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.lifecycle_stage != "deleted"
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise  # an unreachable store is not a missing run
+
+
+def stage_run_here(recipe, section: str, stage_dir: Path, run_id: str | None, dataset_dir: Path | None) -> str | None:
+    """The run of a finished stage in the *current* tracking store, logging it there again when missing.
+
+    A stage folder outlives the store it was tracked in (another ``MLFLOW_TRACKING_URI``, ``.align/``
+    deleted): its result.json then names a run this store has never seen, and registering it would fail.
+    Such a stage is logged here again from its folder (params, summary metrics, dataset lineage, the model
+    folder) in a run tagged ``align.relogged_from=<original id>``; the tag, set last, finds that run the next
+    time, so one folder gets one run per store. A stage run outside MLflow (``run_id`` None) stays None.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if run_id is None:
+        return None
+    if mlflow.active_run() is None:
+        setup(recipe)
+    if run_in_store(MlflowClient(), run_id):
+        return run_id
+    earlier = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.`{RELOGGED_FROM}` = '{run_id}'",
+        output_format="list",
+        max_results=1,
+    )
+    if earlier:
+        return earlier[0].info.run_id
+    return _relog_stage(recipe, section, Path(stage_dir), run_id, dataset_dir)
+
+
+def _relog_stage(recipe, section: str, stage_dir: Path, run_id: str, dataset_dir: Path | None) -> str:
     import mlflow
 
-    mlflow.log_artifacts(str(model_dir), artifact_path=artifact_path)
+    model_dir = stage_dir / "model"
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir}: stage `{section}` names MLflow run {run_id}, missing from the current store, and its "
+            "model folder is gone too; delete the stage folder so the stage trains again"
+        )
+    result_file = stage_dir / "result.json"
+    result = json.loads(result_file.read_text(encoding="utf-8")) if result_file.is_file() else {}
+    params = stage_params(recipe, section, result.get("method", section), result.get("base_model", "unknown"))
+    with stage_run(section, recipe, dataset_dir, params) as new_id:
+        log_summary(result.get("metrics", {}))
+        log_model_folder(model_dir)
+        mlflow.set_tag(RELOGGED_FROM, run_id)
+    return new_id

@@ -27,7 +27,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tasks.registry.tracking import git_sha
+from tasks.registry.tracking import git_sha, stage_run_here
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,9 @@ def register_models(recipe, results: dict, eval_metrics: dict, dataset_dir: Path
     versions = {}
     for stage, result in results.items():
         name = registered_name(recipe.name, stage)
-        version, new = register_stage(client, name, stage, Path(result.model_dir), result.run_id, dict(common))
+        # A reused stage may name a run of another tracking store: it is logged into this one first.
+        run_id = stage_run_here(recipe, stage, Path(result.model_dir).parent, result.run_id, dataset_dir)
+        version, new = register_stage(client, name, stage, Path(result.model_dir), run_id, dict(common))
         client.set_registered_model_alias(name, CANDIDATE, str(version))
         log.info("%s version %s %s; alias candidate", name, version, "registered" if new else "already registered")
         versions[stage] = version

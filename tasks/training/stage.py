@@ -440,10 +440,11 @@ def train_stage(
     stage_dir = stage_root / f"{section}-{training_stage_key(recipe, method, dataset_dir, base, extra_train)}"
     done = finished(stage_dir)
     if done is not None:
-        return StageResult(section, stage_dir / "model", done["metrics"], done["run_id"], reused=True)
+        run_id = tracking.stage_run_here(recipe, section, stage_dir, done["run_id"], dataset_dir)  # store changed?
+        return StageResult(section, stage_dir / "model", done["metrics"], run_id, reused=True)
     quiet()  # imports transformers: only when the stage really trains
     stage_dir.mkdir(parents=True, exist_ok=True)
-    params = {"method": method.name, "base_model": base, **getattr(recipe, section).model_dump(mode="json")}
+    params = tracking.stage_params(recipe, section, method.name, base)
     with tracking.stage_run(section, recipe, dataset_dir, params, extra_train) as run_id:
         model_dir, metrics, history = train(method, recipe, dataset_dir, base, stage_dir, extra_train, callbacks)
         if evaluate is not None:
