@@ -66,7 +66,13 @@ def test_decide_contract_breach_rejects():
 import mlflow  # noqa: E402
 import pytest  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from registry_helpers import FakeStage, build_tiny_models, use_temp_mlflow, write_dataset_dir  # noqa: E402
+from registry_helpers import (  # noqa: E402
+    FakeStage,
+    build_tiny_models,
+    log_stage_run,
+    use_temp_mlflow,
+    write_dataset_dir,
+)
 
 from tasks.registry import versions as registry  # noqa: E402
 from tasks.registry.gates import champion_reference  # noqa: E402
@@ -89,10 +95,10 @@ def registry_store(tmp_path_factory):
     mlflow.set_tracking_uri(previous)
 
 
-def _register(store, recipe, run_id, metrics):
-    return registry.register_models(
-        recipe, {"dpo": FakeStage("dpo", store["models"]["dpo"])}, metrics, store["dataset"], run_id
-    )["dpo"]
+def _register(store, recipe, flow_run_id, metrics, stage_run=None):
+    """What `align` registers for a flow run; ``stage_run``: the DPO stage's run (a reused stage keeps it)."""
+    stage = FakeStage("dpo", store["models"]["dpo"], stage_run)
+    return registry.register_models(recipe, {"dpo": stage}, metrics, store["dataset"], flow_run_id)["dpo"]
 
 
 def _gated_recipe(tiny_recipe, name, kl_max=1.0):
@@ -165,6 +171,21 @@ def test_promote_flow_rollback_restores_previous_champion(registry_store, tiny_r
     record = promote.fn(model="rb-dpo", rollback=True)
     assert (record["from_version"], record["version"]) == (second, first)
     assert registry.alias_version(MlflowClient(), "rb-dpo", "champion") == first
+
+
+def test_promote_flow_reused_stage_judged_on_this_runs_evaluation_not_the_first(registry_store, tiny_recipe):
+    """A reused DPO stage maps to its first version; its eval.* tags must become this run's evaluation."""
+    from flows.promote import promote
+
+    recipe, dpo_run = _gated_recipe(tiny_recipe, "stale"), log_stage_run(registry_store["models"]["dpo"], "dpo")
+    first = _register(registry_store, recipe, "st-1", {**TINY_GATES, "champion.version": 7.0}, dpo_run)
+    again = _register(registry_store, recipe, "st-2", {**TINY_GATES, "rm_accuracy": 0.5}, dpo_run)  # RM at chance
+    assert again == first
+    tags = MlflowClient().get_model_version("stale-dpo", str(first)).tags
+    assert tags["eval.rm_accuracy"] == "0.5" and "eval.champion.version" not in tags
+    assert tags["evaluated_in_flow_run"] == "st-2" and tags["flow_run_id"] == "st-1"
+    record = promote.fn(model="stale-dpo")
+    assert record["action"] == "reject" and record["failed"] == ["rm_accuracy"]
 
 
 def test_champion_reference_other_dataset_not_comparable():

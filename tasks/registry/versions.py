@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 CANDIDATE, CHAMPION = "candidate", "champion"
 HISTORY_TAG = "champion_history"
 EVAL_PREFIX = "eval."
+EVALUATED_IN = "evaluated_in_flow_run"  # the flow run whose evaluation the version's eval.* tags are
 
 
 def registered_name(recipe_name: str, stage: str) -> str:
@@ -121,6 +122,22 @@ def register_stage(
     return int(mv.version), True
 
 
+def write_evaluation_tags(client: MlflowClient, name: str, version: int, tags: dict[str, str]) -> None:
+    """Make the version's ``eval.*`` tags exactly this evaluation's (stale keys deleted), with its gates.
+
+    A reused stage maps to the version registered when it was trained; promotion judges the version's tags,
+    so they must be the evaluation of this run (new champion measured, new data contract), not the old one.
+    """
+    fresh = {k: v for k, v in tags.items() if k.startswith(EVAL_PREFIX)}
+    current = client.get_model_version(name, str(version)).tags
+    for key in current.keys() - fresh.keys():
+        if key.startswith(EVAL_PREFIX):
+            client.delete_model_version_tag(name, str(version), key)
+    for key in (*fresh, "promote_gates", "contract_success", EVALUATED_IN):
+        if current.get(key) != tags[key]:
+            client.set_model_version_tag(name, str(version), key, tags[key])
+
+
 def _describe(tags: dict[str, str]) -> str:
     shown = ", ".join(f"{k[len(EVAL_PREFIX) :]}={v}" for k, v in tags.items() if k.startswith(EVAL_PREFIX))
     return (
@@ -135,6 +152,7 @@ def register_models(recipe, results: dict, eval_metrics: dict, dataset_dir: Path
     lineage = dataset_lineage(dataset_dir)
     common = {
         "flow_run_id": str(flow_run_id),
+        EVALUATED_IN: str(flow_run_id),
         "recipe_name": recipe.name,
         "recipe_hash": recipe.recipe_hash(),
         "git_commit": git_sha(),
@@ -148,6 +166,8 @@ def register_models(recipe, results: dict, eval_metrics: dict, dataset_dir: Path
         # A reused stage may name a run of another tracking store: it is logged into this one first.
         run_id = stage_run_here(recipe, stage, Path(result.model_dir).parent, result.run_id, dataset_dir)
         version, new = register_stage(client, name, stage, Path(result.model_dir), run_id, dict(common))
+        if not new:  # a reused stage or a retried flow run: promotion must read this run's evaluation
+            write_evaluation_tags(client, name, version, common)
         client.set_registered_model_alias(name, CANDIDATE, str(version))
         log.info("%s version %s %s; alias candidate", name, version, "registered" if new else "already registered")
         versions[stage] = version
