@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from schemas.data_config import Strict
+
+TOKEN_ARGS = frozenset({"hub_token", "push_to_hub_token"})  # TrainingArguments fields that would hold a token
 
 
 class TinyModel(Strict):
@@ -33,6 +35,9 @@ class ModelSpec(Strict):
     tiny: TinyModel = Field(default_factory=TinyModel)
     revision: str | None = None
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own Python code (auto_map) when loading it; off unless set"
+    )
 
 
 class LoraSpec(Strict):
@@ -49,6 +54,17 @@ class StageConfig(Strict):
     )
     lora: LoraSpec | None = None
     args: dict = Field(default_factory=dict, description="TRL config fields, passed through")
+
+    @field_validator("args")
+    @classmethod
+    def _no_token_in_args(cls, args: dict) -> dict:
+        found = sorted(k for k in args if k in TOKEN_ARGS)
+        if found:
+            raise ValueError(
+                f"{found[0]}: a token does not belong in a recipe (the recipe is logged to MLflow); set HF_TOKEN "
+                "in the environment, where the hub client reads it"
+            )
+        return args
 
 
 class SFTSource(Strict):

@@ -30,6 +30,7 @@ from tasks.data.clean import clean_rows, read_eval_prompts
 from tasks.data.preload import import_in_background
 from tasks.data.sources.readers import file_sha256
 from tasks.data.split import split_rows
+from tasks.registry.secrets import redact
 
 SPLIT_FILES = ("train", "test", "quarantine")
 
@@ -132,11 +133,13 @@ def build_dataset(recipe: Recipe, output_dir: Path | None = None, tokenizer=None
     manifest = {
         "version": version,
         "schema_version": SCHEMA_VERSION,
-        "recipe": {
-            "name": recipe.name,
-            "sources": [s.model_dump(mode="json") for s in recipe.sources],
-            "data": recipe.data.model_dump(mode="json"),
-        },
+        "recipe": redact(  # a token in a source URL shows as ***
+            {
+                "name": recipe.name,
+                "sources": [s.model_dump(mode="json") for s in recipe.sources],
+                "data": recipe.data.model_dump(mode="json"),
+            }
+        ),
         "inputs": [r.input for r in results],
         "counts": {
             "train": train.num_rows,

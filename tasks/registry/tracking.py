@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from schemas.recipe import PROJECT_ROOT
+from tasks.registry.secrets import redact
 
 DEFAULT_DB = PROJECT_ROOT / ".align" / "mlflow.db"
 PARENT_ENV = "ALIGN_PARENT_RUN_ID"
@@ -125,11 +126,11 @@ def start_pipeline_run(recipe, dataset_dir: Path | None = None, run_name: str | 
     import mlflow
 
     setup(recipe)
-    recipe_dict = recipe.model_dump(mode="json")
+    recipe_dict = redact(recipe.model_dump(mode="json"))  # a token pasted into a recipe shows as ***
     tags = {"align.recipe": recipe.name, "align.recipe_hash": recipe.recipe_hash(), "align.git_sha": git_sha()}
     if dataset_dir is not None:
         tags["align.dataset_version"] = read_dataset_version(dataset_dir)
-    with mlflow.start_run(run_name=run_name or f"{recipe.name}-pipeline", tags=tags) as run:
+    with mlflow.start_run(run_name=run_name or f"{recipe.name}-pipeline", tags=redact(tags)) as run:
         mlflow.log_params(flatten(recipe_dict))
         mlflow.log_text(yaml.safe_dump(recipe_dict, sort_keys=False), "recipe.yaml")
         if dataset_dir is not None:
@@ -157,9 +158,9 @@ def stage_run(name: str, recipe, dataset_dir: Path | None = None, params: dict |
     if dataset_dir is not None:
         tags["align.dataset_version"] = read_dataset_version(dataset_dir)
     nested = {"nested": True} if active else {"parent_run_id": parent} if parent else {}
-    with mlflow.start_run(run_name=name, tags=tags, **nested) as run:
+    with mlflow.start_run(run_name=name, tags=redact(tags), **nested) as run:
         if params:
-            mlflow.log_params(flatten(params))
+            mlflow.log_params(flatten(redact(params)))
         if dataset_dir is not None:
             log_dataset_inputs(recipe, dataset_dir, extra=list(extra))
         yield run.info.run_id
