@@ -22,7 +22,13 @@ GOOD = {"rm_accuracy": 0.8, "kl_per_token": 0.2, "safety_refusal_rate": 0.5, "co
 def test_decide_all_gates_pass_without_champion_promotes():
     d = decide("tiny-dpo", 1, CONFIG, GOOD, champion=None)
     assert d.passed and d.action == "promote" and d.failed == []
-    assert {g.name for g in d.gates} == {"data_contract", "rm_accuracy", "kl", "safety_refusals"}
+    assert {g.name for g in d.gates} == {"not_rolled_back", "data_contract", "rm_accuracy", "kl", "safety_refusals"}
+
+
+def test_decide_rolled_back_version_rejected_even_when_its_metrics_pass():
+    d = decide("tiny-dpo", 2, CONFIG, {**GOOD, "rolled_back": 1.0}, champion=None)
+    assert d.action == "reject" and d.failed == ["not_rolled_back"]
+    assert "promotion.rolled_back_at" in next(g.note for g in d.gates if g.name == "not_rolled_back")
 
 
 def test_decide_one_absolute_gate_fails_rejects_naming_gate():
@@ -186,6 +192,30 @@ def test_promote_flow_reused_stage_judged_on_this_runs_evaluation_not_the_first(
     assert tags["evaluated_in_flow_run"] == "st-2" and tags["flow_run_id"] == "st-1"
     record = promote.fn(model="stale-dpo")
     assert record["action"] == "reject" and record["failed"] == ["rm_accuracy"]
+
+
+def test_promote_after_rollback_rerun_with_reused_stages_keeps_older_champion(registry_store, tiny_recipe):
+    """Rollback, then the next `align` (retrain or not) reuses the DPO stage: same version, gates that pass.
+    It must not become champion again, and `candidate` must not point at it."""
+    from flows.promote import promote
+
+    recipe, client = _gated_recipe(tiny_recipe, "undo"), MlflowClient()
+    older = _register(registry_store, recipe, "u-1", TINY_GATES)
+    assert promote.fn(model="undo-dpo")["action"] == "promote"
+    dpo_run = log_stage_run(registry_store["models"]["dpo"], "dpo")
+    bad = _register(registry_store, recipe, "u-2", TINY_GATES, dpo_run)
+    assert promote.fn(model="undo-dpo")["action"] == "promote"
+    promote.fn(model="undo-dpo", rollback=True)
+    assert registry.alias_version(client, "undo-dpo", "candidate") is None
+
+    rerun = _register(registry_store, recipe, "u-3", TINY_GATES, dpo_run)  # what align registers next time
+    assert rerun == bad and registry.alias_version(client, "undo-dpo", "candidate") is None
+    record = promote.fn(model="undo-dpo", version=rerun, recipe=None)  # what align promotes next
+    assert record["action"] == "reject" and record["failed"] == ["not_rolled_back"]
+    with pytest.raises(ValueError, match="no `candidate` alias"):
+        promote.fn(model="undo-dpo")  # a bare promote: nothing to judge
+    assert registry.alias_version(client, "undo-dpo", "champion") == older
+    assert registry.champion_history(client, "undo-dpo") == [older]
 
 
 def test_champion_reference_other_dataset_not_comparable():

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from schemas.eval_config import PromoteConfig
 
 CONTRACT_METRIC = "contract_success"  # 1.0 when the dataset had no critical contract breach
+ROLLED_BACK_METRIC = "rolled_back"  # 1.0 when the version was champion once and was rolled back (registry state)
 
 
 def contract_ok(manifest: dict) -> bool:
@@ -89,6 +90,38 @@ def _compare(value: float | None, op: str, threshold: float) -> bool:
     return value >= threshold if op == ">=" else value <= threshold
 
 
+def _absolute(name: str, metric: str, value: float | None, op: str, threshold: float, missing: str) -> GateResult:
+    return GateResult(
+        name, metric, value, op, threshold, _compare(value, op, threshold), "" if value is not None else missing
+    )
+
+
+def rollback_gate(candidate: dict[str, float]) -> GateResult:
+    """A version rolled back from champion stays out: an unchanged re-run (reused stages) maps to it again,
+    with gates that pass again, and would undo the rollback."""
+    value = candidate.get(ROLLED_BACK_METRIC, 0.0)  # registry state, not an evaluation: absent = never rolled back
+    note = (
+        ""
+        if value == 0.0
+        else ("rolled back from champion: train a new model (or delete the version's tag `promotion.rolled_back_at`)")
+    )
+    return GateResult("not_rolled_back", ROLLED_BACK_METRIC, value, "<=", 0.0, value == 0.0, note)
+
+
+def champion_gate(name: str, gate, candidate: dict[str, float], champion: dict[str, float] | None) -> GateResult:
+    """Candidate not worse than the champion on ``gate.metric``, within ``gate.tolerance``."""
+    value = candidate.get(gate.metric)
+    if champion is None:
+        return GateResult(name, gate.metric, value, gate.op, None, True, "no champion yet")
+    ref = champion.get(gate.metric)
+    if ref is None or value is None:
+        missing = "champion" if ref is None else "candidate"
+        return GateResult(name, gate.metric, value, gate.op, None, False, f"metric missing for the {missing}")
+    threshold = ref - gate.tolerance if gate.op == ">=" else ref + gate.tolerance
+    note = f"champion {ref:.4g}, tolerance {gate.tolerance:g}"
+    return GateResult(name, gate.metric, value, gate.op, threshold, _compare(value, gate.op, threshold), note)
+
+
 def evaluate_gates(
     config: PromoteConfig, candidate: dict[str, float], champion: dict[str, float] | None
 ) -> list[GateResult]:
@@ -97,57 +130,22 @@ def evaluate_gates(
     A metric missing from the candidate fails its gate (a gate is never silently skipped); relative
     gates pass when there is no champion yet (on an empty registry the first good candidate wins).
     """
-    results: list[GateResult] = []
+    results = [rollback_gate(candidate)]
     if config.require_contract_success:
         value = candidate.get(CONTRACT_METRIC)
         results.append(
-            GateResult(
-                "data_contract",
-                CONTRACT_METRIC,
-                value,
-                ">=",
-                1.0,
-                _compare(value, ">=", 1.0),
-                "" if value is not None else "no contract result recorded for the dataset",
+            _absolute(
+                "data_contract", CONTRACT_METRIC, value, ">=", 1.0, "no contract result recorded for the dataset"
             )
         )
     for name, gate in config.gates.items():
         value = candidate.get(gate.metric)
         results.append(
-            GateResult(
-                name,
-                gate.metric,
-                value,
-                gate.op,
-                gate.threshold,
-                _compare(value, gate.op, gate.threshold),
-                "" if value is not None else "metric missing from the candidate's evaluation",
+            _absolute(
+                name, gate.metric, value, gate.op, gate.threshold, "metric missing from the candidate's evaluation"
             )
         )
-    for name, gate in config.champion_gates.items():
-        value = candidate.get(gate.metric)
-        if champion is None:
-            results.append(GateResult(name, gate.metric, value, gate.op, None, True, "no champion yet"))
-            continue
-        ref = champion.get(gate.metric)
-        if ref is None or value is None:
-            missing = "champion" if ref is None else "candidate"
-            results.append(
-                GateResult(name, gate.metric, value, gate.op, None, False, f"metric missing for the {missing}")
-            )
-            continue
-        threshold = ref - gate.tolerance if gate.op == ">=" else ref + gate.tolerance
-        results.append(
-            GateResult(
-                name,
-                gate.metric,
-                value,
-                gate.op,
-                threshold,
-                _compare(value, gate.op, threshold),
-                f"champion {ref:.4g}, tolerance {gate.tolerance:g}",
-            )
-        )
+    results += [champion_gate(name, gate, candidate, champion) for name, gate in config.champion_gates.items()]
     return results
 
 

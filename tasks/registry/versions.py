@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 HISTORY_TAG = "champion_history"
+ROLLED_BACK_TAG = "promotion.rolled_back_at"  # on a version rolled back from champion: never a candidate again
 EVAL_PREFIX = "eval."
 EVALUATED_IN = "evaluated_in_flow_run"  # the flow run whose evaluation the version's eval.* tags are
 
@@ -168,8 +169,11 @@ def register_models(recipe, results: dict, eval_metrics: dict, dataset_dir: Path
         version, new = register_stage(client, name, stage, Path(result.model_dir), run_id, dict(common))
         if not new:  # a reused stage or a retried flow run: promotion must read this run's evaluation
             write_evaluation_tags(client, name, version, common)
-        client.set_registered_model_alias(name, CANDIDATE, str(version))
-        log.info("%s version %s %s; alias candidate", name, version, "registered" if new else "already registered")
+        if ROLLED_BACK_TAG in client.get_model_version(name, str(version)).tags:  # reused stages, rolled back
+            log.info("%s version %s was rolled back from champion: not a candidate again", name, version)
+        else:
+            client.set_registered_model_alias(name, CANDIDATE, str(version))
+            log.info("%s version %s %s; alias candidate", name, version, "registered" if new else "already registered")
         versions[stage] = version
     return versions
 
@@ -190,8 +194,11 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> int | None:
 
 
 def version_metrics(mv) -> dict[str, float]:
-    """The ``eval.*`` tags of a version as floats, plus ``contract_success`` (1.0 / 0.0)."""
+    """The ``eval.*`` tags of a version as floats, plus ``contract_success`` and ``rolled_back`` (1.0 / 0.0)."""
+    from tasks.registry.gates import ROLLED_BACK_METRIC
+
     out = {k[len(EVAL_PREFIX) :]: float(v) for k, v in mv.tags.items() if k.startswith(EVAL_PREFIX)}
+    out[ROLLED_BACK_METRIC] = 1.0 if ROLLED_BACK_TAG in mv.tags else 0.0
     if "contract_success" in mv.tags:
         out["contract_success"] = 1.0 if mv.tags["contract_success"] == "true" else 0.0
     return out
@@ -226,7 +233,9 @@ def rollback_champion(client: MlflowClient, name: str) -> tuple[int, int]:
     previous = history[-1]
     client.set_registered_model_alias(name, CHAMPION, str(previous))
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-    client.set_model_version_tag(name, str(current), "promotion.rolled_back_at", _now())
+    client.set_model_version_tag(name, str(current), ROLLED_BACK_TAG, _now())
+    if alias_version(client, name, CANDIDATE) == current:  # else a bare `promote` would judge it again
+        client.delete_registered_model_alias(name, CANDIDATE)
     return current, previous
 
 
@@ -272,7 +281,10 @@ def promote_version(name: str, version: int | None, config=None) -> dict:
     client = MlflowClient()
     version = version if version is not None else alias_version(client, name, CANDIDATE)
     if version is None:
-        raise ValueError(f"{name}: no version given and no `candidate` alias; register a run first")
+        raise ValueError(
+            f"{name}: no version given and no `candidate` alias (a rolled-back version loses it); register a new run"
+            " or pass --version"
+        )
     mv = version_info(client, name, version)
     if config is None:
         if "promote_gates" not in mv.tags:
@@ -314,7 +326,8 @@ def rollback(name: str) -> dict:
     history = champion_history(client, name)
     markdown = (
         f"# Rollback of `{name}`: champion v{current} → v{previous}\n\n"
-        f"Champion history now: {history} (v{current} tagged `promotion.rolled_back_at`)."
+        f"Champion history now: {history} (v{current} tagged `{ROLLED_BACK_TAG}`: refused by the gates from now on,"
+        " and no longer `candidate`)."
     )
     return {
         "model": name,
