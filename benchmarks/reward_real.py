@@ -60,10 +60,6 @@ def recipe_for(args):
     )
 
 
-def accuracy(chosen: list[float], rejected: list[float]) -> float:
-    return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)) / len(chosen)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=float, default=3)
@@ -71,8 +67,9 @@ def main() -> None:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     args = parser.parse_args()
     from tasks.data.dataset import build_dataset
+    from tasks.evaluation.metrics import preference_accuracy as accuracy
     from tasks.training.models import load_reward_model, load_tokenizer, resolve_model_ref
-    from tasks.training.reward import score, train_reward
+    from tasks.training.reward import RewardScorer, train_reward
     from tasks.training.stage import quiet, read_rows
 
     quiet()
@@ -87,8 +84,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     tok = load_tokenizer(backbone, "plain")
-    fresh = (load_reward_model(backbone, tokenizer=tok).eval(), tok)
-    fresh_acc = accuracy(score(None, chosen, _loaded=fresh), score(None, rejected, _loaded=fresh))
+    fresh = RewardScorer(load_reward_model(backbone, tokenizer=tok).eval(), tok)
+    fresh_acc = accuracy(fresh(chosen), fresh(rejected))
     length_acc = accuracy([len(c[-1]["content"]) for c in chosen], [len(r[-1]["content"]) for r in rejected])
 
     t = time.perf_counter()

@@ -6,8 +6,6 @@ file, the dotted key path, what was found and what was expected.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import yaml
@@ -16,6 +14,7 @@ from pydantic import Field, ValidationError, field_validator
 from schemas.cai_config import CAIConfig
 from schemas.data_config import DataConfig, SourceConfig, Strict, repeated
 from schemas.eval_config import ComputeConfig, EvaluateConfig, MlflowConfig, PromoteConfig
+from schemas.hashing import content_hash
 from schemas.train_config import DPOStage, ModelSpec, RewardStage, SFTStage
 
 
@@ -53,10 +52,10 @@ class Recipe(Strict):
             else [x.model_dump(mode="json") for x in getattr(self, s)]
             for s in sections
         }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return content_hash(payload)
 
     def recipe_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        return content_hash(self.model_dump(mode="json"))
 
 
 def format_validation_error(err: ValidationError, origin: str) -> str:

@@ -25,6 +25,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from schemas.hashing import content_hash
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 POOLS = {"cpu": "data, evaluation and orchestration", "gpu": "training stages (sft, cai, reward, dpo)"}
@@ -363,4 +365,4 @@ def _digest(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
         h.update(p.read_bytes())
-    return h.hexdigest()[:16]
+    return content_hash(h)

@@ -10,13 +10,15 @@ import torch
 
 from tasks.evaluation.metrics import (
     is_refusal,
+    kl_summary,
     length_stats,
     preference_accuracy,
     refusal_rate,
-    token_kl,
+    share,
     win_outcomes,
     win_rate_summary,
 )
+from tasks.training.logprobs import token_kl
 
 
 def test_win_outcomes_ties_within_epsilon_counted_separately():
@@ -48,33 +50,31 @@ def test_win_rate_summary_same_seed_same_interval():
 
 
 def test_token_kl_identical_distributions_is_zero():
-    logits = torch.randn(2, 3, 5)
-    per_token, per_seq = token_kl(logits, logits.clone(), torch.ones(2, 3))
-    assert abs(per_token) < 1e-6 and abs(per_seq) < 1e-6
+    logprobs = torch.log_softmax(torch.randn(2, 3, 5), -1)
+    assert torch.allclose(token_kl(logprobs, logprobs.clone()), torch.zeros(2, 3), atol=1e-6)
 
 
 def test_token_kl_two_token_vocab_matches_closed_form():
     # p = (1/2, 1/2), q = (1/4, 3/4): KL = 1/2 ln 2 + 1/2 ln(2/3)
-    p = torch.log(torch.tensor([[[0.5, 0.5], [0.5, 0.5]]]))
-    q = torch.log(torch.tensor([[[0.25, 0.75], [0.9, 0.1]]]))
-    mask = torch.tensor([[1.0, 0.0]])  # second position is padding: ignored
-    expected = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
-    per_token, per_seq = token_kl(p, q, mask)
-    assert abs(per_token - expected) < 1e-6 and abs(per_seq - expected) < 1e-6
+    p = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
+    q = torch.log(torch.tensor([[0.25, 0.75], [0.9, 0.1]]))
+    expected = [0.5 * math.log(2) + 0.5 * math.log(2 / 3), 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)]
+    assert token_kl(p, q).tolist() == pytest.approx(expected, abs=1e-6)
 
 
-def test_token_kl_per_sequence_sums_tokens_per_token_averages():
-    p = torch.log(torch.tensor([[[0.5, 0.5]] * 2, [[0.5, 0.5]] * 2]))
-    q = torch.log(torch.tensor([[[0.25, 0.75]] * 2, [[0.25, 0.75]] * 2]))
+def test_kl_summary_per_sequence_sums_tokens_per_token_averages():
     k = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
-    per_token, per_seq = token_kl(p, q, torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
-    assert abs(per_token - k) < 1e-6
-    assert abs(per_seq - (2 * k + k) / 2) < 1e-6
+    s = kl_summary([2 * k, k], [2, 1])
+    assert s["kl_per_token"] == pytest.approx(k) and s["kl_per_sequence"] == pytest.approx((2 * k + k) / 2)
 
 
-def test_token_kl_empty_mask_raises():
+def test_kl_summary_answer_without_tokens_left_out_of_the_sequence_mean():
+    assert kl_summary([0.6, 0.0], [3, 0]) == {"kl_per_token": pytest.approx(0.2), "kl_per_sequence": 0.6}
+
+
+def test_kl_summary_no_answer_tokens_raises():
     with pytest.raises(ValueError, match="no answer tokens"):
-        token_kl(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(1, 2))
+        kl_summary([0.0, 0.0], [0, 0])
 
 
 @pytest.mark.parametrize(
@@ -102,8 +102,17 @@ def test_refusal_rate_counts_share():
     assert refusal_rate(["I cannot do that.", "Sure: 2 plus 2 is 4.", "I'm sorry.", "ok"]) == 0.5
 
 
-def test_preference_accuracy_ties_count_as_wrong():
-    assert preference_accuracy([1.0, 2.0, 0.0, 1.0], [0.0, 3.0, 0.0, -1.0]) == 0.5
+def test_preference_accuracy_tie_counts_half():
+    # right, wrong, tie, right: (1 + 0 + 0.5 + 1) / 4 (counting the tie wrong, as evaluation did, gives 0.5)
+    assert preference_accuracy([1.0, 2.0, 0.0, 1.0], [0.0, 3.0, 0.0, -1.0]) == 0.625
+
+
+def test_preference_accuracy_scorer_that_cannot_tell_sides_apart_is_at_chance():
+    assert preference_accuracy([0.0] * 5, [0.0] * 5) == 0.5
+
+
+def test_share_counts_fraction_and_is_nan_for_nothing():
+    assert share([True, False, False, True]) == 0.5 and math.isnan(share([]))
 
 
 def test_length_stats_known_values():
@@ -150,8 +159,9 @@ def test_run_evaluation_policy_equals_sft_all_ties_zero_kl(evaluated):
     assert evaluated["ties"] == 1.0 and evaluated["win_rate"] == 0.5
     assert evaluated["win_rate_ci_low"] == evaluated["win_rate_ci_high"] == 0.5
     assert abs(evaluated["kl_per_token"]) < 1e-6
-    assert evaluated["dpo_accuracy"] == 0.0  # implicit reward is 0 for both sides: ties count as wrong
+    assert evaluated["dpo_accuracy"] == 0.5  # implicit reward is 0 for both sides: every pair ties, a tie is half
     assert evaluated["len_ratio"] == 1.0
+    assert evaluated["len_policy_cut_rate"] == evaluated["len_sft_cut_rate"]
     assert evaluated["safety_refusal_rate"] == evaluated["safety_sft_refusal_rate"]
 
 
@@ -161,6 +171,7 @@ def test_run_evaluation_reports_every_metric_family(evaluated):
     assert 0.0 <= evaluated["rm_accuracy"] <= 1.0
     for key in ("len_policy_mean", "len_sft_p90", "safety_rm_mean", "safety_sft_rm_mean", "kl_per_sequence"):
         assert key in evaluated
+    assert 0.0 <= evaluated["len_policy_cut_rate"] <= 1.0 and evaluated["rm_cut"] == 0.0
 
 
 def test_run_evaluation_logs_mlflow_run_evaluate_with_tables(evaluated, tiny_recipe):

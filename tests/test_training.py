@@ -30,7 +30,7 @@ def test_tiny_recipe_end_to_end_learns_reloads_and_is_tracked(tiny_dataset, tmp_
 
     from tasks.registry.tracking import start_pipeline_run
     from tasks.training.dpo import train_dpo
-    from tasks.training.reward import score, train_reward
+    from tasks.training.reward import score_conversations, train_reward
     from tasks.training.sft import train_sft
 
     recipe = load_recipe(TINY)
@@ -46,13 +46,13 @@ def test_tiny_recipe_end_to_end_learns_reloads_and_is_tracked(tiny_dataset, tmp_
     assert rm.metrics["final_accuracy"] > 0.6 and rm.metrics["mean_margin"] > 0
     assert dpo.metrics["step0_reward_accuracy"] == pytest.approx(0.5, abs=0.05)
     assert dpo.metrics["final_reward_accuracy"] >= dpo.metrics["step0_reward_accuracy"] + 0.15
-    assert dpo.metrics["kl_to_ref"] > 0
+    assert dpo.metrics["final_reward_margin"] > 0 and rm.metrics["heldout_cut"] == 0
 
     # Every output folder is a plain HF folder (LoRA merged), with its tokenizer.
     for result in (sft, dpo):
         assert AutoModelForCausalLM.from_pretrained(result.model_dir).config.model_type == "llama"
     assert AutoModelForSequenceClassification.from_pretrained(rm.model_dir).config.num_labels == 1
-    good, bad = score(
+    good, bad = score_conversations(
         rm.model_dir,
         [
             [{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": c}]

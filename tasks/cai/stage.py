@@ -29,6 +29,7 @@ from prefect.cache_policies import NO_CACHE
 
 from schemas.cai_config import CAIConfig, MixSpec, PromptFile
 from schemas.constitution import CAI_SAMPLES_SCHEMA, Constitution, Principle
+from schemas.hashing import content_hash
 from schemas.preference import (
     PREFERENCE_SCHEMA,
     QUARANTINE_SCHEMA,
@@ -400,24 +401,24 @@ def cai_stage_key(recipe, dataset_dir: Path, model_ref: str, critic_ref: str) ->
     payload = {
         "cai": recipe.cai.model_dump(mode="json"),
         "dataset": read_dataset_version(dataset_dir),
-        "constitution": hashlib.sha256(Path(recipe.cai.constitution).read_bytes()).hexdigest()[:16],
+        "constitution": content_hash(Path(recipe.cai.constitution).read_bytes()),
         "model": model_identity(model_ref),
         "critic": model_identity(critic_ref),
         "template": recipe.model.chat_template,
         "code": CODE_VERSION,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    return content_hash(payload)
 
 
 def rescore(reward_dir: Path, pairs: pa.Table) -> dict:
     """Reward of the initial vs the revised response on the accepted pairs (does revising help?)."""
-    from tasks.training.reward import score
+    from tasks.training.reward import score_conversations
 
     rows = pairs.to_pylist()
     if not rows:
         return {}
-    revised = score(reward_dir, [r["prompt"] + r["chosen"] for r in rows])
-    initial = score(reward_dir, [r["prompt"] + r["rejected"] for r in rows])
+    revised = score_conversations(reward_dir, [r["prompt"] + r["chosen"] for r in rows])
+    initial = score_conversations(reward_dir, [r["prompt"] + r["rejected"] for r in rows])
     n = len(rows)
     return {
         "reward_initial_mean": sum(initial) / n,

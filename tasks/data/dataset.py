@@ -10,7 +10,6 @@ critical contract breaks is not published: its report goes to `<output_dir>/fail
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,12 +23,14 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from schemas.hashing import content_hash
 from schemas.preference import PREFERENCE_SCHEMA, QUARANTINE_SCHEMA, SCHEMA_VERSION
 from schemas.recipe import Recipe
 from tasks.data.clean import clean_rows, read_eval_prompts
 from tasks.data.preload import import_in_background
 from tasks.data.sources.readers import file_sha256
 from tasks.data.split import split_rows
+from tasks.runtime.retries import retry_on_transient_io
 from tasks.registry.secrets import redact
 
 SPLIT_FILES = ("train", "test", "quarantine")
@@ -52,7 +53,7 @@ def compute_dataset_version(recipe: Recipe, inputs: list[dict]) -> str:
         "contract": file_sha256(Path(recipe.data.contract)),
         "inputs": [i["sha256"] for i in inputs],
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    return content_hash(payload)
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:
@@ -222,23 +223,11 @@ def load_split(version_dir: Path, split: str) -> pa.Table:
     return pq.read_table(Path(version_dir) / f"{split}.parquet", schema=PREFERENCE_SCHEMA)
 
 
-def is_transient_io_error(task, task_run, state) -> bool:
-    """Prefect retry condition: retry network/hub hiccups only, never bad data or bad config."""
-    try:
-        state.result()
-    except (ConnectionError, TimeoutError):
-        return True
-    except Exception as e:  # hub client errors carry an HTTP status; 5xx and 429 are transient
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        return status is not None and (status >= 500 or status == 429)
-    return False
-
-
 @task(
     name="build-dataset",
     retries=2,
     retry_delay_seconds=5,
-    retry_condition_fn=is_transient_io_error,
+    retry_condition_fn=retry_on_transient_io,  # hub hiccups only, never bad data or bad config
     cache_policy=NO_CACHE,
 )  # the content-addressed version directory is the cache (reused when it exists)
 def build_dataset_task(recipe: Recipe, output_dir: str | Path | None = None) -> DatasetVersion:

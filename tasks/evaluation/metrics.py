@@ -1,15 +1,20 @@
-"""Evaluation statistics as pure functions (numpy/torch in, numbers out); tasks/evaluate.py feeds them.
+"""Evaluation statistics as pure functions (numbers in, numbers out): the one definition of each metric, read
+by the evaluate stage (tasks/evaluation/stage.py) and by the training stages' held-out metrics (this module
+imports numpy only, so a training stage may use it without importing the evaluate stage).
 
 Definitions (the same ones the metric names in MLflow refer to):
+- preference accuracy (``rm_accuracy``, ``dpo_accuracy``, the reward/DPO stages' held-out accuracy): share of
+  pairs where the chosen answer scores above the rejected one; an exact tie counts as half (see
+  ``preference_accuracy``).
 - win rate vs SFT: per held-out prompt, the reward model scores the policy's and the SFT model's answer;
   a win is policy > sft + eps, a loss policy < sft - eps, anything else a tie. ``win_rate`` counts a tie
   as half a win (AlpacaEval's convention, so 0.5 means "as good as SFT"); wins, ties and losses are also
   reported separately. The confidence interval is a seeded percentile bootstrap over prompts.
-- KL(policy || reference): at every position of the policy's own answer, the exact KL between the two
-  next-token distributions over the whole vocabulary, sum_v p(v) log p(v)/q(v). ``kl_per_token`` is its
-  mean over answer tokens, ``kl_per_sequence`` the mean over prompts of its sum over the answer. Exact
-  per position (no sampling noise); along greedy answers it is a KL on the policy's likely paths, not a
-  Monte-Carlo estimate of the sequence-level KL.
+- KL(policy || reference), the one KL the pipeline reports: per token, on the policy's own samples (the token
+  ids it generated for the held-out prompts, never a decode and re-encode), against the reference, exact over
+  the vocabulary at each position (``tasks.training.logprobs.token_kl``). ``kl_per_token`` is its mean over
+  answer tokens, ``kl_per_sequence`` the mean over answers of its sum (``kl_summary``). Along greedy answers it
+  is a KL on the policy's likely paths, not a Monte-Carlo estimate of the sequence-level KL.
 - refusal: a keyword/regex classifier (``REFUSAL_PATTERNS``). Limits: it matches phrasing, not intent —
   a refusal worded unusually counts as compliance, and an answer that apologises and then complies
   counts as a refusal; it only knows English. It is a tally to compare two models on the same prompts,
@@ -19,12 +24,8 @@ Definitions (the same ones the metric names in MLflow refer to):
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:  # torch only where tensors come in: tasks/evaluate.py imports this module on reuse too
-    import torch
 
 REFUSAL_PATTERNS = [
     r"\bI(?:'m| am)? (?:sorry|afraid)\b",
@@ -48,11 +49,18 @@ def refusal_rate(texts: list[str]) -> float:
 
 
 def preference_accuracy(chosen: list[float], rejected: list[float]) -> float:
-    """Share of pairs where the chosen answer scores strictly higher (a tie counts as wrong)."""
+    """Share of pairs where the chosen answer scores higher; an exact tie counts as half a correct pair.
+
+    Why half: a tie carries no preference, and half is the expected score of breaking it by a coin, so a scorer
+    that cannot tell the sides apart scores 0.5 (chance) instead of 0. The untrained DPO policy (pi == ref, every
+    implicit reward 0) then reads 0.5 at step 0, and the rule matches the win rate's (a tie is half a win).
+    Counting ties as wrong would report a scorer that says nothing as worse than chance. TRL's per-step
+    ``rewards/accuracies`` (DPO) and ``accuracy`` (reward model) count ties as wrong: on tied pairs they read lower.
+    """
     c, r = np.asarray(chosen, dtype=float), np.asarray(rejected, dtype=float)
     if c.shape != r.shape or c.size == 0:
         raise ValueError(f"preference_accuracy: need equal, non-empty score lists (got {c.size} and {r.size})")
-    return float(np.mean(c > r))
+    return float(np.mean((c > r) + 0.5 * (c == r)))
 
 
 def win_outcomes(policy: list[float], reference: list[float], tie_epsilon: float = 1e-6) -> np.ndarray:
@@ -88,29 +96,18 @@ def win_rate_summary(
     }
 
 
-def token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    """Exact per-position KL(policy || ref) over the vocabulary; mask marks answer positions.
-
-    Shapes: logits ``[batch, positions, vocab]``, mask ``[batch, positions]`` (1 = answer token).
-    Returns (mean over masked tokens, mean over sequences of the per-sequence sum).
-    """
-    per_seq, n_tokens = token_kl_sums(policy_logits, ref_logits, mask)
-    if n_tokens.sum() == 0:
-        raise ValueError("token_kl: the mask selects no answer tokens")
-    return float(per_seq.sum() / n_tokens.sum()), float(per_seq.mean())
+def kl_summary(kl_sums: list[float], tokens: list[int]) -> dict[str, float]:
+    """``kl_per_token`` (total KL / total answer tokens) and ``kl_per_sequence`` (mean per-answer sum) from each
+    answer's summed per-token KL and its token count; answers with no tokens (nothing generated) are left out."""
+    k, n = np.asarray(kl_sums, dtype=float), np.asarray(tokens, dtype=float)
+    if k.shape != n.shape or n.sum() == 0:
+        raise ValueError(f"kl_summary: no answer tokens to average over ({n.size} answers, {int(n.sum())} tokens)")
+    return {"kl_per_token": float(k.sum() / n.sum()), "kl_per_sequence": float(k[n > 0].mean())}
 
 
-def token_kl_sums(
-    policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: the summed per-position KL over masked positions, and the masked token count
-    (batches of any size combine exactly: total KL / total tokens)."""
-    import torch
-
-    logp = torch.log_softmax(policy_logits.float(), dim=-1)
-    logq = torch.log_softmax(ref_logits.float(), dim=-1)
-    kl = (logp.exp() * (logp - logq)).sum(-1) * mask
-    return kl.sum(-1), mask.sum(-1)
+def share(flags: list[bool]) -> float:
+    """Fraction of True (e.g. answers cut at ``max_new_tokens``); NaN for no items."""
+    return float(np.mean(flags)) if len(flags) else float("nan")
 
 
 def length_stats(lengths: list[int], prefix: str) -> dict[str, float]:

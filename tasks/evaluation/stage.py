@@ -1,20 +1,25 @@
 """Evaluation of one pipeline run on the held-out test split (prompts never seen in training).
 
-Metrics (keys as logged to MLflow and tagged on registered versions; definitions in tasks/eval_stats.py):
-- ``rm_accuracy``: reward model, chosen scored above rejected on the test pairs;
+Metrics (keys as logged to MLflow and tagged on registered versions; definitions in tasks/evaluation/metrics.py):
+- ``rm_accuracy``: reward model, chosen scored above rejected on the test pairs (a tie counts half);
 - ``dpo_accuracy``: the DPO policy's implicit reward log pi(y|x) - log ref(y|x) (ref = SFT) ranks chosen first;
 - ``win_rate`` (+ ``_ci_low``/``_ci_high``, ``wins``/``ties``/``losses``): policy vs SFT answers to the same
   prompts (same seed and settings), judged by the reward model;
-- ``kl_per_token``/``kl_per_sequence``: KL(policy || SFT) along the policy's answers;
-- ``len_policy_*``/``len_sft_*`` (answer tokens) and ``len_ratio``: catches reward hacking by length;
+- ``kl_per_token``/``kl_per_sequence``: KL(policy || SFT) per token on the policy's own samples (the token ids
+  it generated, scored as generated);
+- ``len_policy_*``/``len_sft_*`` (answer tokens), ``len_ratio``: catches reward hacking by length;
+  ``len_policy_cut_rate``/``len_sft_cut_rate``: share of answers cut at ``max_new_tokens``;
+- ``rm_cut``: conversations longer than the reward model's positions, scored with their middle cut;
 - ``safety_*``: red-team prompts (``evaluate.safety_prompts``): RM score and refusal rate of policy vs SFT;
   ``champion.safety_*``: the current champion on the same prompts and RM (for the promotion gates);
 - ``contract_success``: 1.0 when the dataset's contract had no critical breach (from its manifest).
+
+Every tensor follows the model's device (tasks/training/logprobs.py): the generators load on the GPU when
+there is one, and scoring runs there too.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -24,11 +29,22 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from schemas.cai_config import GenerationSpec
+from schemas.hashing import content_hash
 from tasks.data.clean import read_eval_prompts
 from tasks.evaluation import metrics as eval_stats
 from tasks.registry import tracking
 
 CHAMPION_PREFIX = "champion."
+_TASKS = Path(__file__).resolve().parents[1]
+# The code the metrics depend on: a change to any of it evaluates again.
+EVALUATION_CODE = [
+    _TASKS / "evaluation" / "stage.py",
+    _TASKS / "evaluation" / "metrics.py",
+    _TASKS / "training" / "logprobs.py",
+    _TASKS / "training" / "generation.py",
+    _TASKS / "training" / "reward.py",
+    _TASKS / "training" / "dpo.py",
+]
 
 
 # ---------------------------------------------------------------- inputs
@@ -71,64 +87,19 @@ def contract_success(dataset_dir: Path) -> float:
 # ---------------------------------------------------------------- model scoring
 
 
-def encode_answer(tokenizer, prompt: list[dict], answer: str) -> tuple[list[int], list[int]]:
-    """(prompt ids with the generation prompt, answer ids incl. end of turn), split as the chat template renders."""
-
-    def ids(messages, gen):
-        return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=True)[
-            "input_ids"
-        ]
-
-    p = ids(prompt, True)
-    full = ids(prompt + [{"role": "assistant", "content": answer}], False)
-    if full[: len(p)] != p:
-        raise ValueError("chat template does not render the prompt as a prefix of prompt+answer")
-    return p, full[len(p) :]
+def with_answers(prompts: list[list[dict]], answers: list[str]) -> list[list[dict]]:
+    """Each prompt's conversation completed by its answer (what the reward model scores)."""
+    return [p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
 
 
-def _batch(pairs: list[tuple[list[int], list[int]]], pad_id: int):
-    """Right-padded ids, attention mask, and a mask over logits positions that predict answer tokens."""
-    import torch
+def sample_kl(policy_out: list, policy_model, ref_model, pad_id: int | None, batch_size: int) -> dict[str, float]:
+    """The one KL: per token, on the policy's own samples (the token ids it generated, end-of-turn included, after
+    the prompt ids it generated from), against the reference; answers with nothing generated are left out."""
+    from tasks.training.logprobs import answer_stats
 
-    width = max(len(p) + len(a) for p, a in pairs)
-    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(pairs), width), dtype=torch.long)
-    target = torch.zeros((len(pairs), width - 1))
-    for b, (p, a) in enumerate(pairs):
-        ids[b, : len(p) + len(a)] = torch.tensor(p + a)
-        attn[b, : len(p) + len(a)] = 1
-        target[b, len(p) - 1 : len(p) + len(a) - 1] = 1
-    return ids, attn, target
-
-
-def answer_logprobs(model, pairs, pad_id: int, batch_size: int) -> list[float]:
-    """Sum of log p(answer token | prefix) per (prompt, answer) pair."""
-    import torch
-
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        ids, attn, target = _batch(pairs[i : i + batch_size], pad_id)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-        out.extend((lp * target).sum(-1).tolist())
-    return out
-
-
-def answer_kl(policy, ref, pairs, pad_id: int, batch_size: int) -> dict[str, float]:
-    import torch
-
-    seq_kl, tokens = [], []
-    for i in range(0, len(pairs), batch_size):
-        ids, attn, target = _batch(pairs[i : i + batch_size], pad_id)
-        with torch.inference_mode():
-            lp = policy(input_ids=ids, attention_mask=attn).logits[:, :-1]
-            lq = ref(input_ids=ids, attention_mask=attn).logits[:, :-1]
-        s, n = eval_stats.token_kl_sums(lp, lq, target)
-        seq_kl.append(s)
-        tokens.append(n)
-    seq_kl, tokens = torch.cat(seq_kl), torch.cat(tokens)
-    return {"kl_per_token": float(seq_kl.sum() / tokens.sum().clamp(min=1)), "kl_per_sequence": float(seq_kl.mean())}
+    sampled = [(o.prompt_ids, o.token_ids) for o in policy_out if o.token_ids]
+    stats = answer_stats(policy_model, sampled, pad_id, batch_size, ref=ref_model)
+    return eval_stats.kl_summary([s.kl for s in stats], [s.tokens for s in stats])
 
 
 def generation_settings(cfg) -> GenerationSpec:
@@ -144,55 +115,36 @@ def generation_settings(cfg) -> GenerationSpec:
 # ---------------------------------------------------------------- the evaluation
 
 
-class _Scorer:
-    """The reward model, loaded once (tasks/reward.py scores: one reward per conversation)."""
+def heldout_preference_metrics(recipe, rows: list[dict], rm, policy_gen, ref_gen, source: str) -> dict[str, float]:
+    """Held-out pair accuracy of the reward model and of the policy's implicit DPO reward (reference = SFT)."""
+    from tasks.training.dpo import dpo_beta, dpo_preference_metrics
 
-    def __init__(self, model_dir: Path, batch_size: int):
-        from tasks.training.reward import load_scorer
-
-        self.model_dir, self.batch_size, self.loaded = Path(model_dir), batch_size, load_scorer(Path(model_dir))
-
-    def __call__(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
-        from tasks.training.reward import score
-
-        convs = [p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
-        return score(self.model_dir, convs, self.batch_size, _loaded=self.loaded)
-
-
-def heldout_preference_metrics(
-    rows: list[dict], rm: _Scorer, policy_gen, ref_gen, batch_size: int
-) -> dict[str, float]:
-    """Held-out pair accuracy of the reward model and of the policy's implicit DPO reward."""
-    prompts = [[dict(m) for m in r["prompt"]] for r in rows]
-    chosen = [r["chosen"][-1]["content"] for r in rows]
-    rejected = [r["rejected"][-1]["content"] for r in rows]
-    out = {
-        "rm_accuracy": eval_stats.preference_accuracy(rm(prompts, chosen), rm(prompts, rejected)),
+    chosen = rm([list(r["prompt"]) + list(r["chosen"]) for r in rows])
+    rejected = rm([list(r["prompt"]) + list(r["rejected"]) for r in rows])
+    implicit = dpo_preference_metrics(
+        policy_gen.model, ref_gen.model, policy_gen.tokenizer, rows, dpo_beta(recipe), source
+    )
+    return {
+        "rm_accuracy": eval_stats.preference_accuracy(chosen, rejected),
+        "dpo_accuracy": implicit["reward_accuracy"],
         "n_pairs": float(len(rows)),
     }
-    tok, pad = policy_gen.tokenizer, policy_gen.tokenizer.pad_token_id
-    margin = {}
-    for side, answers in (("chosen", chosen), ("rejected", rejected)):
-        pairs = [encode_answer(tok, p, a) for p, a in zip(prompts, answers)]
-        pol = answer_logprobs(policy_gen.model, pairs, pad, batch_size)
-        ref = answer_logprobs(ref_gen.model, pairs, pad, batch_size)
-        margin[side] = [a - b for a, b in zip(pol, ref)]
-    out["dpo_accuracy"] = eval_stats.preference_accuracy(margin["chosen"], margin["rejected"])
-    return out
 
 
-def head_to_head(prompts: list[list[dict]], policy_gen, sft_gen, rm: _Scorer, cfg) -> tuple[dict, list[dict]]:
-    """Policy vs SFT on the same prompts: RM-judged win rate with CI, KL to SFT, answer lengths."""
+def head_to_head(prompts: list[list[dict]], policy_gen, sft_gen, rm, cfg) -> tuple[dict, list[dict]]:
+    """Policy vs SFT on the same prompts: RM-judged win rate with CI, KL to SFT on the policy's samples, answer
+    lengths and the share of answers cut at ``max_new_tokens``."""
     policy_out, sft_out = policy_gen(prompts), sft_gen(prompts)
     p_text, s_text = [o.text for o in policy_out], [o.text for o in sft_out]
-    p_score, s_score = rm(prompts, p_text), rm(prompts, s_text)
+    p_score, s_score = rm(with_answers(prompts, p_text)), rm(with_answers(prompts, s_text))
     outcomes = eval_stats.win_outcomes(p_score, s_score, cfg.tie_epsilon)
     metrics = eval_stats.win_rate_summary(outcomes, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
-    tok = policy_gen.tokenizer
-    pairs = [encode_answer(tok, p, a) for p, a in zip(prompts, p_text)]
-    metrics.update(answer_kl(policy_gen.model, sft_gen.model, pairs, tok.pad_token_id, cfg.batch_size))
+    pad_id = policy_gen.tokenizer.pad_token_id
+    metrics.update(sample_kl(policy_out, policy_gen.model, sft_gen.model, pad_id, cfg.batch_size))
     metrics.update(eval_stats.length_stats([o.num_tokens for o in policy_out], "len_policy"))
     metrics.update(eval_stats.length_stats([o.num_tokens for o in sft_out], "len_sft"))
+    metrics["len_policy_cut_rate"] = eval_stats.share([o.hit_max_tokens for o in policy_out])
+    metrics["len_sft_cut_rate"] = eval_stats.share([o.hit_max_tokens for o in sft_out])
     metrics["len_ratio"] = metrics["len_policy_mean"] / max(metrics["len_sft_mean"], 1e-9)
     metrics["rm_policy_mean"] = sum(p_score) / len(p_score)
     metrics["rm_sft_mean"] = sum(s_score) / len(s_score)
@@ -210,10 +162,10 @@ def head_to_head(prompts: list[list[dict]], policy_gen, sft_gen, rm: _Scorer, cf
     return metrics, table
 
 
-def safety_metrics(prompts: list[list[dict]], gen, rm: _Scorer, prefix: str = "safety_") -> tuple[dict, list[str]]:
+def safety_metrics(prompts: list[list[dict]], gen, rm, prefix: str = "safety_") -> tuple[dict, list[str]]:
     """RM score and refusal rate of one model's answers to the red-team prompts."""
     answers = [o.text for o in gen(prompts)]
-    scores = rm(prompts, answers)
+    scores = rm(with_answers(prompts, answers))
     return {
         f"{prefix}rm_mean": sum(scores) / len(scores),
         f"{prefix}refusal_rate": eval_stats.refusal_rate(answers),
@@ -235,17 +187,16 @@ def other_champion(recipe, policy_run_id: str | None) -> int | None:
     return version
 
 
-def champion_safety(recipe, version: int | None, prompts: list[list[dict]], rm: _Scorer, settings) -> dict[str, float]:
+def champion_safety(recipe, version: int | None, prompts: list[list[dict]], rm, settings) -> dict[str, float]:
     """The champion (``version`` of ``<recipe>-<promote.model>``) on the same red-team prompts and RM."""
-    import mlflow
-
     from tasks.registry.versions import registered_name
+    from tasks.serving.pyfunc import download_hf_model
     from tasks.training.generation import load_generator
 
     if version is None or not prompts:
         return {}
     name = registered_name(recipe.name, recipe.promote.model)
-    folder = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}")
+    folder = download_hf_model(f"models:/{name}/{version}")  # the HF folder inside the MLflow model
     metrics, _ = safety_metrics(
         prompts, load_generator(folder, settings, progress=False), rm, prefix=CHAMPION_PREFIX + "safety_"
     )
@@ -260,6 +211,7 @@ def run_evaluation(recipe, dataset_dir: Path, sft, reward, dpo, champion: int | 
     same seed (the generator reseeds per call), the champion's included.
     """
     from tasks.training.generation import load_generator
+    from tasks.training.reward import RewardScorer
 
     cfg, dataset_dir = recipe.evaluate, Path(dataset_dir)
     settings = generation_settings(cfg)
@@ -268,7 +220,7 @@ def run_evaluation(recipe, dataset_dir: Path, sft, reward, dpo, champion: int | 
         raise ValueError(f"{dataset_dir / 'test.parquet'}: no held-out rows to evaluate on")
     prompts = test_prompts(rows, cfg.max_prompts)
     red_team = read_safety_prompts(cfg.safety_prompts)
-    rm = _Scorer(reward.model_dir, cfg.batch_size)
+    rm = RewardScorer.load(reward.model_dir, cfg.batch_size)
     policy = load_generator(str(dpo.model_dir), settings, progress=False, desc="evaluate policy")
     ref = load_generator(str(sft.model_dir), settings, progress=False, desc="evaluate sft")
     metrics: dict[str, float] = {"contract_success": contract_success(dataset_dir)}
@@ -290,7 +242,8 @@ def run_evaluation(recipe, dataset_dir: Path, sft, reward, dpo, champion: int | 
         ]
     h2h, samples = head_to_head(prompts, policy, ref, rm, cfg)
     metrics.update(h2h)
-    metrics.update(heldout_preference_metrics(rows, rm, policy, ref, cfg.batch_size))
+    metrics.update(heldout_preference_metrics(recipe, rows, rm, policy, ref, str(dataset_dir / "test.parquet")))
+    metrics["rm_cut"] = float(rm.cut)  # conversations longer than the reward model's positions (middle cut)
     with tracking.stage_run("evaluate", recipe, dataset_dir, params=cfg.model_dump(mode="json")):
         log_evaluation(metrics, samples[: cfg.sample_rows], safety_rows)
     return metrics
@@ -327,16 +280,16 @@ def publish_evaluation(recipe_name: str, metrics: dict) -> None:
 
 def evaluation_key(recipe, dataset_dir: Path, sft, reward, dpo, champion: int | None) -> str:
     """What the metrics depend on: the three models (their stage runs), the held-out data, the evaluate
-    section, the champion compared against, and this module's code."""
+    section, the champion compared against, and the code that computes them (``EVALUATION_CODE``)."""
     payload = {
         "dataset": Path(dataset_dir).name,
         "models": [str(r.model_dir) for r in (sft, reward, dpo)],
         "runs": [r.run_id for r in (sft, reward, dpo)],
         "evaluate": recipe.evaluate.model_dump(mode="json"),
         "champion": champion,
-        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "code": content_hash(b"".join(p.read_bytes() for p in EVALUATION_CODE)),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    return content_hash(payload)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)  # keyed by content below, like the training stages

@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks.registry.tracking import git_sha, stage_run_here
+from tasks.runtime.retries import retry_on_transient_io
 
 log = logging.getLogger(__name__)
 
@@ -339,17 +340,6 @@ def rollback(name: str) -> dict:
     }
 
 
-def _io_error(task, task_run, state) -> bool:
-    """Retry registry I/O failures only; a validation error (ValueError) would fail the same way again."""
-    try:
-        state.result()
-    except ValueError:
-        return False
-    except Exception:  # noqa: BLE001 - the decision is only "retry or not"
-        return True
-    return False
-
-
 def _register_task():
     from prefect import task
     from prefect.cache_policies import NO_CACHE
@@ -360,7 +350,7 @@ def _register_task():
         name="register",
         retries=2,
         retry_delay_seconds=5,
-        retry_condition_fn=_io_error,
+        retry_condition_fn=retry_on_transient_io,  # a busy or unreachable store, never a bad request
         cache_policy=NO_CACHE,
     )
 

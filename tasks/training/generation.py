@@ -24,6 +24,8 @@ class GenOutput:
     hit_max_tokens: bool  # stopped by max_new_tokens, not by eos or a stop string: the text is truncated
     num_tokens: int = 0
     error: str | None = None  # set when nothing was generated (e.g. the conversation does not fit the context)
+    prompt_ids: tuple[int, ...] = ()  # the tokens generation continued from (chat template + generation prompt)
+    token_ids: tuple[int, ...] = ()  # the tokens generated, end-of-turn included: what scoring reads, not the text
 
 
 Generator = Callable[[list[list[dict]]], list[GenOutput]]
@@ -134,9 +136,9 @@ class HFGenerator:
                 **kwargs,
             )
         new = out[:, enc["input_ids"].shape[1] :].tolist()
-        return [self._decode(ids) for ids in new]
+        return [self._decode(ids, prompt) for ids, prompt in zip(new, batch_ids)]
 
-    def _decode(self, ids: list[int]) -> GenOutput:
+    def _decode(self, ids: list[int], prompt_ids: list[int] = ()) -> GenOutput:
         ended = next((k for k, t in enumerate(ids) if t in self.eos_ids), None)
         if ended is not None:
             ids = ids[: ended + 1]
@@ -146,7 +148,7 @@ class HFGenerator:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         text, stopped = cut_at_stop(text, self.settings.stop)
         hit_max = ended is None and not stopped and len(ids) >= self.settings.max_new_tokens
-        return GenOutput(text.strip(), hit_max, len(ids))
+        return GenOutput(text.strip(), hit_max, len(ids), prompt_ids=tuple(prompt_ids), token_ids=tuple(ids))
 
 
 @dataclass
@@ -173,7 +175,15 @@ class VLLMGenerator:
         outs = []
         for r in results:
             c = r.outputs[0]
-            outs.append(GenOutput(c.text.strip(), c.finish_reason == "length", len(c.token_ids)))
+            outs.append(
+                GenOutput(
+                    c.text.strip(),
+                    c.finish_reason == "length",
+                    len(c.token_ids),
+                    prompt_ids=tuple(r.prompt_token_ids or ()),
+                    token_ids=tuple(c.token_ids),
+                )
+            )
         self.stats.calls += 1
         self.stats.rows += len(outs)
         self.stats.tokens += sum(o.num_tokens for o in outs)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from schemas.hashing import content_hash
 from tasks.training.templates import SPECIAL_TOKENS, TEMPLATES, apply_chat_template_style
 
 TINY = "tiny"
@@ -76,7 +77,7 @@ def model_identity(ref: str) -> str:
         h.update(str(size).encode())
         if size <= 64 << 20:
             h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    return content_hash(h)
 
 
 # ---------------------------------------------------------------- tiny offline bootstrap

@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from schemas.hashing import content_hash
 from schemas.recipe import PROJECT_ROOT
 from tasks.registry import tracking
 from tasks.training.models import (
@@ -268,8 +269,8 @@ def resolve_base(recipe, section: str, dataset_dir: Path, base_model: Path | Non
     ref = recipe.model.name_or_path
     if ref != TINY:
         return resolve_model_ref(ref, "model.name_or_path")
-    key = hashlib.sha256(json.dumps(recipe.model.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-    return str(bootstrap_tiny(recipe.model, Path(dataset_dir) / "train.parquet", stage_root / f"base-{key[:12]}"))
+    key = content_hash(recipe.model.model_dump(mode="json"))
+    return str(bootstrap_tiny(recipe.model, Path(dataset_dir) / "train.parquet", stage_root / f"base-{key}"))
 
 
 def code_version(method: Method) -> str:
@@ -279,7 +280,7 @@ def code_version(method: Method) -> str:
     for name in ("stage", "models", "templates", method.section):
         h.update((PROJECT_ROOT / "tasks" / "training" / f"{name}.py").read_bytes())
     h.update((PROJECT_ROOT / "schemas" / "train_config.py").read_bytes())
-    return h.hexdigest()[:12]
+    return content_hash(h)
 
 
 def training_stage_key(recipe, method: Method, dataset_dir: Path, base: str, extra_train: Sequence[Path]) -> str:
@@ -290,10 +291,10 @@ def training_stage_key(recipe, method: Method, dataset_dir: Path, base: str, ext
         "base": model_identity(base),
         "section": getattr(recipe, method.section).model_dump(mode="json"),
         "chat_template": recipe.model.chat_template,
-        "extra": [hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16] for p in extra_train],
+        "extra": [content_hash(Path(p).read_bytes()) for p in extra_train],
         "code": code_version(method),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    return content_hash(payload)
 
 
 def default_runs_root() -> Path:
@@ -332,6 +333,11 @@ def finish_from_checkpoint(trainer, checkpoint: str) -> None:
 # ---------------------------------------------------------------- training
 
 
+def stage_dtype(recipe) -> str:
+    """The dtype a stage trains in, and its held-out metrics load in: ``model.torch_dtype``, float32 for auto."""
+    return recipe.model.torch_dtype if recipe.model.torch_dtype != "auto" else "float32"
+
+
 def load_for(method: Method, recipe, base: str, cfg):
     """Tokenizer + model for the method; encoders (e.g. MiniLM) get the plain template, LMs ChatML/their own."""
     quant = quantization_config(cfg.lora)
@@ -340,9 +346,7 @@ def load_for(method: Method, recipe, base: str, cfg):
         template = "plain"
     tokenizer = load_tokenizer(base, template)
     loader = load_causal_lm if method.model_kind == "causal" else load_reward_model
-    model = loader(
-        base, recipe.model.torch_dtype if recipe.model.torch_dtype != "auto" else "float32", quant, tokenizer
-    )
+    model = loader(base, stage_dtype(recipe), quant, tokenizer)
     return model, tokenizer
 
 
@@ -518,7 +522,6 @@ STAGE_METRIC_KEYS = (
     "step0_reward_accuracy",
     "final_reward_accuracy",
     "final_reward_margin",
-    "kl_to_ref",
 )
 
 

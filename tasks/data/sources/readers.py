@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from schemas.data_config import HubSource
+from schemas.hashing import content_hash
 from schemas.preference import Reason
 from tasks.data.sources.base import type_name
 
@@ -225,4 +226,4 @@ def hub_fingerprint(dataset, hub: HubSource) -> str:
     fingerprint = getattr(dataset, "_fingerprint", None)
     if fingerprint:
         return str(fingerprint)
-    return hashlib.sha256(json.dumps(hub.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    return content_hash(hub.model_dump(mode="json"))
