@@ -3,6 +3,8 @@ or artifacts, the data folder or Prefect's store; a recipe cannot carry a hub to
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import subprocess
 import sys
@@ -96,3 +98,89 @@ def test_planted_tokens_reach_no_output_of_an_align_run(tmp_path):
     )
     params = [r.data.params for r in parent if "mlflow.tracking_uri" in r.data.params]
     assert params and params[0]["mlflow.tracking_uri"] == f"https://align:{MASK}@mlflow.invalid"
+
+
+# ------------------------------------------------------------------------------------------- remote code
+
+CUSTOM_CODE = """import os
+from pathlib import Path
+
+Path(os.environ["ALIGN_REMOTE_CODE_MARKER"]).write_text("the repository's own code ran")
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class CustomConfig(LlamaConfig):
+    model_type = "align_custom"
+
+
+class CustomModel(LlamaForCausalLM):
+    config_class = CustomConfig
+"""
+
+
+def _remote_code_model(folder: Path) -> Path:
+    """A tiny Llama saved as a repository with its own modelling code (config.json auto_map → custom_llama.py),
+    and a small byte-level BPE tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=300
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    data = json.loads((folder / "config.json").read_text())
+    data |= {"model_type": "align_custom", "architectures": ["CustomModel"]}
+    data["auto_map"] = {"AutoConfig": "custom_llama.CustomConfig", "AutoModelForCausalLM": "custom_llama.CustomModel"}
+    (folder / "config.json").write_text(json.dumps(data))
+    (folder / "custom_llama.py").write_text(CUSTOM_CODE)
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.train_from_iterator(["hello world", "what is 2 plus 2"], trainers.BpeTrainer(special_tokens=["<unk>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+def test_remote_code_runs_only_when_the_recipe_sets_trust_remote_code(tmp_path, monkeypatch):
+    from tasks.training.models import load_causal_lm
+    from tasks.training.stage import METHODS, load_for
+
+    marker = tmp_path / "ran.txt"
+    monkeypatch.setenv("ALIGN_REMOTE_CODE_MARKER", str(marker))
+    folder = _remote_code_model(tmp_path / "custom")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_causal_lm(folder)  # explicit False: an error, never an interactive "run the custom code? [y/N]"
+    assert not marker.exists()
+
+    default = load_recipe(TINY, overrides={"model": {"name_or_path": str(folder)}})
+    assert default.model.trust_remote_code is False
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_for(METHODS["sft"], default, str(folder), default.sft)
+    assert not marker.exists()
+
+    allowed = load_recipe(TINY, overrides={"model": {"name_or_path": str(folder), "trust_remote_code": True}})
+    model, _ = load_for(METHODS["sft"], allowed, str(folder), allowed.sft)
+    assert type(model).__name__ == "CustomModel" and marker.is_file()
+
+
+def _passes_trust_remote_code(call: ast.Call, function_source: str) -> bool:
+    names = {k.arg for k in call.keywords}
+    if "trust_remote_code" in names or "gguf_file" in names:  # a GGUF file carries no code
+        return True
+    return None in names and '"trust_remote_code"' in function_source  # **kwargs built with the key
+
+
+def test_every_model_load_states_trust_remote_code():
+    """from_pretrained / vllm.LLM without trust_remote_code may ask on a terminal whether to run a repository's
+    code; every call in the pipeline passes it (False unless the recipe's model.trust_remote_code)."""
+    missing = []
+    for path in sorted(p for d in ("tasks", "flows", "scripts") for p in (ROOT / d).rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+        for func in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+            body = ast.get_source_segment(source, func) or ""
+            for call in [n for n in ast.walk(func) if isinstance(n, ast.Call)]:
+                name = getattr(call.func, "attr", getattr(call.func, "id", ""))
+                if name in ("from_pretrained", "LLM") and not _passes_trust_remote_code(call, body):
+                    missing.append(f"{path.relative_to(ROOT)}:{call.lineno}")
+    assert missing == []

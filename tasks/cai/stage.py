@@ -562,10 +562,23 @@ def run_cai(
     }
     with stage_run("cai", recipe, dataset_dir, params) as run_id:
         if generate is None:
-            generate = load_generator(model_ref, cfg.generation, cfg.backend, recipe.model.chat_template, desc="cai")
+            remote = recipe.model.trust_remote_code
+            generate = load_generator(
+                model_ref,
+                cfg.generation,
+                cfg.backend,
+                recipe.model.chat_template,
+                desc="cai",
+                trust_remote_code=remote,
+            )
             if critic_ref != model_ref:
                 critic = load_generator(
-                    critic_ref, cfg.generation, cfg.backend, recipe.model.chat_template, desc="cai critic"
+                    critic_ref,
+                    cfg.generation,
+                    cfg.backend,
+                    recipe.model.chat_template,
+                    desc="cai critic",
+                    trust_remote_code=remote,
                 )
         started = time.perf_counter()
         samples = critique_and_revise(prompts, principles, few_shot, generate, critic)

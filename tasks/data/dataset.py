@@ -30,8 +30,8 @@ from tasks.data.clean import clean_rows, read_eval_prompts
 from tasks.data.preload import import_in_background
 from tasks.data.sources.readers import file_sha256
 from tasks.data.split import split_rows
-from tasks.runtime.retries import retry_on_transient_io
 from tasks.registry.secrets import redact
+from tasks.runtime.retries import retry_on_transient_io
 
 SPLIT_FILES = ("train", "test", "quarantine")
 
@@ -126,7 +126,9 @@ def build_dataset(recipe: Recipe, output_dir: Path | None = None, tokenizer=None
     if tokenizer is None and recipe.data.lengths.tokenizer:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(recipe.data.lengths.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(
+            recipe.data.lengths.tokenizer, trust_remote_code=recipe.model.trust_remote_code
+        )
     cleaned = clean_rows(rows, recipe.data, read_eval_prompts(recipe.data.decontaminate), tokenizer)
     train, test = split_rows(cleaned.accepted, recipe.data.test_fraction, recipe.data.seed)
     quarantine = pa.concat_tables([r.quarantine for r in results] + [cleaned.quarantine]).cast(QUARANTINE_SCHEMA)

@@ -198,7 +198,10 @@ def champion_safety(recipe, version: int | None, prompts: list[list[dict]], rm, 
     name = registered_name(recipe.name, recipe.promote.model)
     folder = download_hf_model(f"models:/{name}/{version}")  # the HF folder inside the MLflow model
     metrics, _ = safety_metrics(
-        prompts, load_generator(folder, settings, progress=False), rm, prefix=CHAMPION_PREFIX + "safety_"
+        prompts,
+        load_generator(folder, settings, progress=False, trust_remote_code=recipe.model.trust_remote_code),
+        rm,
+        prefix=CHAMPION_PREFIX + "safety_",
     )
     return {**metrics, CHAMPION_PREFIX + "version": float(version)}
 
@@ -220,9 +223,12 @@ def run_evaluation(recipe, dataset_dir: Path, sft, reward, dpo, champion: int | 
         raise ValueError(f"{dataset_dir / 'test.parquet'}: no held-out rows to evaluate on")
     prompts = test_prompts(rows, cfg.max_prompts)
     red_team = read_safety_prompts(cfg.safety_prompts)
-    rm = RewardScorer.load(reward.model_dir, cfg.batch_size)
-    policy = load_generator(str(dpo.model_dir), settings, progress=False, desc="evaluate policy")
-    ref = load_generator(str(sft.model_dir), settings, progress=False, desc="evaluate sft")
+    remote = recipe.model.trust_remote_code
+    rm = RewardScorer.load(reward.model_dir, cfg.batch_size, trust_remote_code=remote)
+    policy = load_generator(
+        str(dpo.model_dir), settings, progress=False, desc="evaluate policy", trust_remote_code=remote
+    )
+    ref = load_generator(str(sft.model_dir), settings, progress=False, desc="evaluate sft", trust_remote_code=remote)
     metrics: dict[str, float] = {"contract_success": contract_success(dataset_dir)}
     safety_rows: list[dict] = []
     if red_team:

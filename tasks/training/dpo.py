@@ -57,9 +57,10 @@ def dpo_heldout_metrics(recipe):
         from tasks.training.models import load_causal_lm, load_tokenizer
 
         dtype, device = stage_dtype(recipe), inference_device()
-        tokenizer = load_tokenizer(model_dir)
-        policy = load_causal_lm(model_dir, dtype=dtype).to(device).eval()
-        ref = load_causal_lm(base, dtype=dtype, tokenizer=tokenizer).to(device).eval()
+        remote = recipe.model.trust_remote_code
+        tokenizer = load_tokenizer(model_dir, trust_remote_code=remote)
+        policy = load_causal_lm(model_dir, dtype=dtype, trust_remote_code=remote).to(device).eval()
+        ref = load_causal_lm(base, dtype=dtype, tokenizer=tokenizer, trust_remote_code=remote).to(device).eval()
         beta = dpo_beta(recipe)
         test = Path(dataset_dir) / "test.parquet"
         rows = read_rows([test])

@@ -213,6 +213,7 @@ def load_generator(
     chat_template: str = "auto",
     progress: bool = True,
     desc: str = "generate",
+    trust_remote_code: bool = False,
 ) -> HFGenerator | VLLMGenerator:
     """A generator for the model at ``model_ref`` (folder or hub id): bf16 on a GPU, float32 on CPU."""
     from tasks.training.models import load_causal_lm, load_tokenizer, resolve_model_ref
@@ -220,11 +221,13 @@ def load_generator(
     ref = resolve_model_ref(model_ref)
     if backend == "vllm":
         vllm = require_vllm()
-        return VLLMGenerator(vllm.LLM(model=ref, dtype="bfloat16", seed=settings.seed), settings)
+        llm = vllm.LLM(model=ref, dtype="bfloat16", seed=settings.seed, trust_remote_code=trust_remote_code)
+        return VLLMGenerator(llm, settings)
     import torch
 
-    tokenizer = load_tokenizer(ref, chat_template)
+    tokenizer = load_tokenizer(ref, chat_template, trust_remote_code=trust_remote_code)
     on_gpu = torch.cuda.is_available()
-    model = load_causal_lm(ref, dtype="bfloat16" if on_gpu else "float32", tokenizer=tokenizer)
+    dtype = "bfloat16" if on_gpu else "float32"
+    model = load_causal_lm(ref, dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
     model.to("cuda" if on_gpu else "cpu").eval()
     return HFGenerator(model, tokenizer, settings, progress=progress, desc=desc)

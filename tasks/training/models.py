@@ -161,11 +161,12 @@ def bootstrap_tiny(model_cfg, train_parquet: str | Path, out_dir: str | Path) ->
 # ---------------------------------------------------------------- loading
 
 
-def load_tokenizer(ref: str | Path, chat_template: str = "auto"):
-    """Tokenizer with a chat template installed (its own under ``auto``) and a pad token set."""
+def load_tokenizer(ref: str | Path, chat_template: str = "auto", trust_remote_code: bool = False):
+    """Tokenizer with a chat template installed (its own under ``auto``) and a pad token set. A repository's own
+    code runs only with ``trust_remote_code`` (the recipe's ``model.trust_remote_code``), never by a prompt."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(ref))
+    tokenizer = AutoTokenizer.from_pretrained(str(ref), trust_remote_code=trust_remote_code)
     added = apply_chat_template_style(tokenizer, chat_template)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -179,11 +180,13 @@ def _dtype(name: str):
     return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_causal_lm(ref: str | Path, dtype: str = "float32", quantization_config=None, tokenizer=None):
+def load_causal_lm(
+    ref: str | Path, dtype: str = "float32", quantization_config=None, tokenizer=None, trust_remote_code: bool = False
+):
     """Causal LM from a folder or hub id; embeddings resized when the tokenizer gained template tokens."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": _dtype(dtype)}
+    kwargs = {"dtype": _dtype(dtype), "trust_remote_code": trust_remote_code}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     model = AutoModelForCausalLM.from_pretrained(str(ref), **kwargs)
@@ -191,11 +194,13 @@ def load_causal_lm(ref: str | Path, dtype: str = "float32", quantization_config=
     return model
 
 
-def load_reward_model(ref: str | Path, dtype: str = "float32", quantization_config=None, tokenizer=None):
+def load_reward_model(
+    ref: str | Path, dtype: str = "float32", quantization_config=None, tokenizer=None, trust_remote_code: bool = False
+):
     """Sequence-classification model with one output (the reward), from an LM, an encoder or an RM folder."""
     from transformers import AutoModelForSequenceClassification
 
-    kwargs = {"dtype": _dtype(dtype), "num_labels": 1}
+    kwargs = {"dtype": _dtype(dtype), "num_labels": 1, "trust_remote_code": trust_remote_code}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     model = AutoModelForSequenceClassification.from_pretrained(str(ref), **kwargs)

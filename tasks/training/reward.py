@@ -50,13 +50,22 @@ class RewardScorer:
     scored: int = 0
 
     @classmethod
-    def load(cls, model_dir: Path | str, batch_size: int = 16, dtype: str = "float32", device: str | None = None):
+    def load(
+        cls,
+        model_dir: Path | str,
+        batch_size: int = 16,
+        dtype: str = "float32",
+        device: str | None = None,
+        trust_remote_code: bool = False,
+    ):
         from transformers import AutoTokenizer
 
         from tasks.training.models import load_reward_model
 
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # saved with its chat template by the stage
-        model = load_reward_model(model_dir, dtype=dtype).to(device or inference_device()).eval()
+        # saved with its chat template by the stage
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        model = load_reward_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = model.to(device or inference_device()).eval()
         return cls(model, tokenizer, batch_size)
 
     def encode(self, conversation: list[dict]) -> list[int]:
@@ -105,7 +114,9 @@ def reward_heldout_metrics(recipe):
     the training device."""
 
     def heldout(model_dir: Path, base: str, dataset_dir: Path) -> dict:
-        scorer = RewardScorer.load(model_dir, dtype=stage_dtype(recipe))
+        scorer = RewardScorer.load(
+            model_dir, dtype=stage_dtype(recipe), trust_remote_code=recipe.model.trust_remote_code
+        )
         metrics = pair_metrics(scorer, read_rows([Path(dataset_dir) / "test.parquet"]))
         return {**metrics, "heldout_cut": scorer.cut}
 

@@ -344,9 +344,10 @@ def load_for(method: Method, recipe, base: str, cfg):
     template = recipe.model.chat_template
     if method.model_kind == "reward" and not _is_causal_lm(base) and template == "auto":
         template = "plain"
-    tokenizer = load_tokenizer(base, template)
+    remote = recipe.model.trust_remote_code
+    tokenizer = load_tokenizer(base, template, trust_remote_code=remote)
     loader = load_causal_lm if method.model_kind == "causal" else load_reward_model
-    model = loader(base, stage_dtype(recipe), quant, tokenizer)
+    model = loader(base, stage_dtype(recipe), quant, tokenizer, trust_remote_code=remote)
     return model, tokenizer
 
 
@@ -390,7 +391,9 @@ def train(
     if config.eval_strategy != "no":
         kwargs["eval_dataset"] = to_dataset(method, read_rows([dataset_dir / "test.parquet"]))
     if method.name == "dpo" and cfg.lora is None:
-        kwargs["ref_model"] = load_causal_lm(base, tokenizer=tokenizer)  # the base (SFT) model, frozen
+        kwargs["ref_model"] = load_causal_lm(  # the base (SFT) model, frozen
+            base, tokenizer=tokenizer, trust_remote_code=recipe.model.trust_remote_code
+        )
     trainer = _import(method.trainer)(**kwargs)
     from transformers.trainer_callback import PrinterCallback
 
