@@ -40,7 +40,7 @@ def test_redact_masks_env_token_values_url_passwords_and_credential_keys():
     assert out["note"] == f"pasted {MASK} here" and out["list"] == [MASK, 3, None]
     assert out["args"] == {"hub_token": MASK, "pad_token": "<pad>", "max_new_tokens": 32}
     assert out["plain"] == data["plain"]  # HOME is no secret, a URL without a password stays
-    assert secret_values(env) == sorted(PLANTED.values(), key=len, reverse=True)
+    assert secret_values(env) == sorted(PLANTED.values(), key=lambda v: (-len(v), v))
 
 
 def test_recipe_with_a_hub_token_in_stage_args_is_rejected_without_echoing_it():

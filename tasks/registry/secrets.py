@@ -53,7 +53,7 @@ def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
     """Values of the secret variables in `env` (os.environ by default), longest first."""
     env = os.environ if env is None else env
     values = {v for k, v in env.items() if v and len(v) >= MIN_SECRET_CHARS and is_secret_name(k)}
-    return sorted(values, key=len, reverse=True)
+    return sorted(values, key=lambda v: (-len(v), v))  # longest first: a token inside another is masked last
 
 
 def is_secret_key(key: str) -> bool:
