@@ -12,6 +12,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,7 @@ class Browser:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             pass_fds=(to_browser_r, from_browser_w),
+            start_new_session=True,  # its own process group: close() can end the renderers with it
         )
         os.close(to_browser_r)
         os.close(from_browser_w)
@@ -184,7 +186,10 @@ class Browser:
             self._send("Browser.close", False, {})
             self.process.wait(timeout=10)
         except (OSError, subprocess.TimeoutExpired):
-            self.process.kill()
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.process.wait(timeout=10)
         finally:
             for fd in (self._to_browser, self._from_browser):

@@ -96,7 +96,7 @@ def link_quarantine(index: Path, rows: int) -> None:
     block = (
         f'<div class="col-12 {LINK_MARKER}"><div class="alert alert-warning">'
         f'<i class="fas fa-filter"></i> <a href="{QUARANTINE_PAGE}"><strong>Quarantine</strong></a>: '
-        f"{rows} row(s) dropped before the splits, with the reason and detail of each.</div></div>\n"
+        f"{rows} row(s) kept out of the data, with the reason and detail of each.</div></div>\n"
     )
     anchor = text.find('<div id="section-1-content-block-2"')
     if anchor < 0:  # another GX layout: right after <body>
@@ -126,8 +126,9 @@ def write_quarantine_page(docs_dir: Path, quarantine: pa.Table, counts: dict) ->
         '</head><body><div class="container-fluid p-4">',
         '<p><a href="index.html">&larr; Data Docs</a></p>',
         f'<h1 class="h3">Quarantine <span class="badge badge-secondary">{quarantine.num_rows} rows</span></h1>',
-        "<p>Rows dropped before the splits: by the source adapters (unreadable, wrong shape) and by cleaning "
-        "(filters, duplicates, decontamination). Every row read is accepted or here.</p>",
+        "<p>Rows kept out of the data, each with its reason: by the source adapters (unreadable, wrong shape), by "
+        "cleaning (filters, duplicates, decontamination) or, for generated data, by its checks. Every row read is "
+        "accepted or here.</p>",
         _sources_table(counts, quarantine),
         _reasons_table(groups),
     ]
