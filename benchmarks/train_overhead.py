@@ -80,25 +80,26 @@ def bare_trl(
     stage_args = {**(recipe.sft.args if method == "sft" else recipe.dpo.args), **(override or {})}
     if method == "sft":
         data = {
-            s: Dataset.from_dict({"messages": [r["prompt"] + r["chosen"] for r in rows(s)]}) for s in ("train", "test")
+            s: Dataset.from_dict({"messages": [r["prompt"] + r["chosen"] for r in rows(s)]})
+            for s in ("train", "validation")
         }
         trainer = SFTTrainer(
             model=model,
             args=SFTConfig(**common, **stage_args),
             processing_class=tok,
             train_dataset=data["train"],
-            eval_dataset=data["test"],
+            eval_dataset=data["validation"],  # as the stages: validation, never test
             callbacks=[clock],
         )
     else:
-        data = {s: Dataset.from_list(rows(s)) for s in ("train", "test")}
+        data = {s: Dataset.from_list(rows(s)) for s in ("train", "validation")}
         trainer = DPOTrainer(
             model=model,
             ref_model=AutoModelForCausalLM.from_pretrained(base),
             args=DPOConfig(**common, **stage_args),
             processing_class=tok,
             train_dataset=data["train"],
-            eval_dataset=data["test"],
+            eval_dataset=data["validation"],  # as the stages: validation, never test
             callbacks=[clock],
         )
     trainer.train()

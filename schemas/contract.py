@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class SmallData(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    below_rows: int = Field(gt=0, description="train + test rows under which `severity` applies instead")
+    below_rows: int = Field(gt=0, description="rows of all splits under which `severity` applies instead")
     severity: Literal["critical", "warning"] = "warning"
 
 

@@ -121,7 +121,14 @@ class LengthLimits(Strict):
 
 class DataConfig(Strict):
     output_dir: str = "data"
-    test_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="share of prompts held out for the evaluate stage")
+    validation_fraction: float = Field(
+        0.1,
+        ge=0.01,
+        lt=1,
+        description="share of prompts carved from train for in-training evaluation and checkpoint choice; "
+        "at least 0.01 (every training stage evaluates on it, never on test)",
+    )
     seed: int = 42
     unicode_form: Literal["NFC", "NFKC", "none"] = "NFC"
     lengths: LengthLimits = Field(default_factory=LengthLimits)
@@ -135,5 +142,17 @@ class DataConfig(Strict):
         description="also drop rows whose user turn shares a run of this many words with an evaluation prompt "
         "(or holds all of a shorter one), e.g. 13; empty = exact matches of normalised user turns only",
     )
-    split_tolerance: float = Field(0.05, ge=0, lt=1, description="allowed |test share - test_fraction| (contract)")
+    split_tolerance: float = Field(
+        0.05, ge=0, lt=1, description="allowed |share - fraction| of the test and validation splits (contract)"
+    )
     contract: str = Field("data_contracts/preference.yaml", description="expectation suite for the splits")
+
+    @model_validator(mode="after")
+    def check_holdout_fractions(self):
+        held_out = self.test_fraction + self.validation_fraction
+        if held_out > 0.5:
+            raise ValueError(
+                f"data.test_fraction ({self.test_fraction}) + data.validation_fraction ({self.validation_fraction}) "
+                f"= {held_out:g} holds out more than half the prompts; lower one of them (train keeps the rest)"
+            )
+        return self

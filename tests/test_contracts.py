@@ -25,7 +25,14 @@ from tasks.data.contracts import (
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "data_contracts" / "preference.yaml"
 SOURCES = ["demo/a", "demo/b"]
-PARAMS = {"test_fraction": 0.1, "split_tolerance": 0.05, "min_chars": 1, "max_chars": 200, "allowed_sources": SOURCES}
+PARAMS = {
+    "test_fraction": 0.1,
+    "validation_fraction": 0.1,
+    "split_tolerance": 0.05,
+    "min_chars": 1,
+    "max_chars": 200,
+    "allowed_sources": SOURCES,
+}
 
 
 def make_row(i: int, source: str = "demo/a", prompt=None, chosen=None, rejected=None, **fields) -> dict:
@@ -47,17 +54,27 @@ def make_row(i: int, source: str = "demo/a", prompt=None, chosen=None, rejected=
     return {**row, **fields}
 
 
-def make_tables(train_rows: list[dict], test_rows: list[dict], quarantine_rows: list[dict] | None = None):
-    train = pa.Table.from_pylist(train_rows, schema=PREFERENCE_SCHEMA)
-    test = pa.Table.from_pylist(test_rows, schema=PREFERENCE_SCHEMA)
-    quarantine = pa.Table.from_pylist(quarantine_rows or [], schema=QUARANTINE_SCHEMA)
-    return train, test, quarantine
+def make_tables(
+    train_rows: list[dict],
+    test_rows: list[dict],
+    quarantine_rows: list[dict] | None = None,
+    validation_rows: list[dict] | None = None,
+) -> tuple[dict[str, pa.Table], pa.Table]:
+    """({train, validation, test}, quarantine); validation defaults to the last two train rows."""
+    if validation_rows is None:
+        train_rows, validation_rows = train_rows[:-2], train_rows[-2:]
+    splits = {
+        name: pa.Table.from_pylist(rows, schema=PREFERENCE_SCHEMA)
+        for name, rows in (("train", train_rows), ("validation", validation_rows), ("test", test_rows))
+    }
+    return splits, pa.Table.from_pylist(quarantine_rows or [], schema=QUARANTINE_SCHEMA)
 
 
-def counts_for(train: pa.Table, test: pa.Table, quarantine: pa.Table) -> dict:
+def counts_for(splits: dict[str, pa.Table], quarantine: pa.Table) -> dict:
     """Reconciliation counts that agree with the tables (read = accepted + quarantined)."""
     per: dict[str, dict[str, int]] = {}
-    for table, key in ((train, "accepted"), (test, "accepted"), (quarantine, "quarantined")):
+    tables = [(t, "accepted") for t in splits.values()] + [(quarantine, "quarantined")]
+    for table, key in tables:
         for source in table["source"].to_pylist():
             entry = per.setdefault(source, {"read": 0, "accepted": 0, "quarantined": 0})
             entry[key] += 1
@@ -75,11 +92,19 @@ def clean_rows(n: int = 20) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def run(
-    train_rows, test_rows, quarantine_rows=None, counts=None, docs_dir=None, params=PARAMS, suite=SUITE
+    train_rows,
+    test_rows,
+    quarantine_rows=None,
+    counts=None,
+    docs_dir=None,
+    params=PARAMS,
+    suite=SUITE,
+    validation_rows=None,
 ) -> ContractResult:
-    train, test, quarantine = make_tables(train_rows, test_rows, quarantine_rows)
-    counts = counts if counts is not None else counts_for(train, test, quarantine)
-    return run_contract(train, test, quarantine, counts, suite, docs_dir, params)
+    """The contract on train/test rows; validation = the last two train rows unless given."""
+    splits, quarantine = make_tables(train_rows, test_rows, quarantine_rows, validation_rows)
+    counts = counts if counts is not None else counts_for(splits, quarantine)
+    return run_contract(splits, quarantine, counts, suite, docs_dir, params)
 
 
 # ------------------------------------------------------------------------------------------------ suite
@@ -151,12 +176,13 @@ def test_build_views_rows_derive_flat_columns_from_messages():
             {"role": "user", "content": "Bye"},
         ],
     )
-    train, test, quarantine = make_tables([row], [make_row(1)])
-    rows = build_views(train, test, quarantine, {"per_source": {}})["rows"].to_pylist()
+    splits, quarantine = make_tables([row], [make_row(1)], validation_rows=[make_row(2)])
+    rows = build_views(splits, quarantine, {"per_source": {}})["rows"].to_pylist()
     assert rows[0]["prompt_last_role"] == "user" and rows[0]["prompt_turns"] == 3
     assert (rows[0]["min_turn_chars"], rows[0]["max_turn_chars"]) == (2, 25)
-    assert [r["split"] for r in rows] == ["train", "test"]
-    assert not rows[0]["answers_identical"] and not rows[0]["prompt_hash_in_both_splits"]
+    assert [r["split"] for r in rows] == ["train", "validation", "test"]
+    assert not rows[0]["answers_identical"] and not rows[0]["prompt_hash_other_split"]
+    assert not any(r["split_key_other_split"] for r in rows)
 
 
 # ----------------------------------------------------------------------------------------------- outcomes
@@ -169,7 +195,7 @@ def test_run_contract_clean_splits_succeeds_without_warnings():
     result.raise_for_critical()
     totals = result.summary["totals"]
     assert totals["passed"] == totals["expectations"] == len(load_suite(SUITE).expectations)
-    assert totals["rows"] == {"train": 18, "test": 2, "quarantine": 1}
+    assert totals["rows"] == {"train": 16, "validation": 2, "test": 2, "quarantine": 1}
 
 
 def _breach(case: str):
@@ -195,9 +221,13 @@ def _breach(case: str):
         train[0] = {**train[0], "source": "mystery/source"}
     elif case == "prompt_hash_one_split":
         train[0] = make_row(1, source="demo/b", prompt=test[0]["prompt"])
+    elif case == "opening_turn_one_split":  # a multi-turn train row opening with a test prompt
+        opening = [m for m in test[0]["prompt"] if m["role"] == "user"][:1]
+        more = [{"role": "assistant", "content": "Sure."}, {"role": "user", "content": "And then?"}]
+        train[0] = make_row(1, source="demo/b", prompt=opening + more)
     elif case == "sources_reconciled":
-        t, s, q = make_tables(train, test, quarantine)
-        counts = counts_for(t, s, q)
+        splits, q = make_tables(train, test, quarantine)
+        counts = counts_for(splits, q)
         counts["per_source"]["demo/b"]["read"] += 1
     return train, test, quarantine, counts
 
@@ -213,6 +243,7 @@ def _breach(case: str):
         "id_unique",
         "source_allowed",
         "prompt_hash_one_split",
+        "opening_turn_one_split",
         "sources_reconciled",
     ],
 )
@@ -220,9 +251,10 @@ def test_run_contract_critical_rule_breached_raises_naming_rule_count_and_row(ca
     train, test, quarantine, counts = _breach(case)
     result = run(train, test, quarantine, counts=counts)
     assert not result.success
-    assert [f["name"] for f in result.critical_failures] == [case]
+    also = ["opening_turn_one_split"] if case == "prompt_hash_one_split" else []  # one prompt, one opening
+    assert [f["name"] for f in result.critical_failures] == [case, *also]
     failure = result.critical_failures[0]
-    expected_count = 2 if case in ("id_unique", "prompt_hash_one_split") else 1  # both rows of the pair
+    expected_count = 2 if case in ("id_unique", "prompt_hash_one_split", "opening_turn_one_split") else 1  # both
     example = {"id_not_null": "demo/b:1", "sources_reconciled": "demo/b"}.get(case, train[0]["id"])
     assert failure["unexpected_count"] == expected_count and example in failure["unexpected_ids"]
     with pytest.raises(ContractBreach) as breach:
@@ -268,15 +300,17 @@ def test_run_contract_orca_real_rows_side_asymmetry_warned_with_counts_unless_st
     assert message and "orca (rows_in_splits=50, chosen_leading_ws=0, rejected_leading_ws=50)" in message[0]
 
 
-def test_run_contract_test_share_off_is_warning_on_small_data_and_critical_on_large():
+def test_run_contract_holdout_share_off_is_warning_on_small_data_and_critical_on_large():
     small_train, small_test, quarantine = clean_rows(20)
     params = {**PARAMS, "split_tolerance": 0.04}
     small = run(small_train + small_test[1:], small_test[:1], quarantine, params=params)  # 1 of 20: 5% ∉ 10% ± 4%
     assert small.success and [w["name"] for w in small.warnings] == ["test_share_within_tolerance"]
     rows = [make_row(i, source=SOURCES[i % 2]) for i in range(1000)]
-    large = run(rows[20:], rows[:20], params=params)  # 2% test share
+    large = run(rows[120:], rows[:20], params=params, validation_rows=rows[20:120])  # 2% test share
     assert [f["name"] for f in large.critical_failures] == ["test_share_within_tolerance"]
     assert large.critical_failures[0]["observed"] == [0.02]
+    off = run(rows[120:], rows[:100], params=params, validation_rows=rows[100:120])  # 2% validation share
+    assert [f["name"] for f in off.critical_failures] == ["validation_share_within_tolerance"]
 
 
 def test_run_contract_docs_dir_writes_data_docs_index(tmp_path):

@@ -2,39 +2,82 @@ import json
 import os
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from rows import row, table
+from rows import msg, row, table
 
 from schemas.preference import PREFERENCE_SCHEMA, QUARANTINE_SCHEMA
 from schemas.recipe import load_recipe
 from tasks.data.dataset import build_dataset, publish
-from tasks.data.split import holdout_mask, split_rows
+from tasks.data.split import assign_splits, split_keys, split_rows
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny.yaml"
 
 
-def test_split_same_prompt_never_straddles_train_and_test():
+def test_split_same_prompt_never_in_two_of_train_validation_test():
     rows = [row(f"prompt {i % 50}", f"good {i}", f"bad {i}", source_row=i) for i in range(500)]
-    train, test = split_rows(table(rows), 0.2, seed=1)
-    assert not pc.any(pc.is_in(test["prompt_hash"], value_set=train["prompt_hash"].combine_chunks())).as_py()
-    assert train.num_rows + test.num_rows == 500
+    splits = split_rows(table(rows), 0.2, 0.2, seed=1)
+    hashes = [set(t["prompt_hash"].to_pylist()) for t in splits]
+    assert all(h for h in hashes) and not (hashes[0] & hashes[1] or hashes[0] & hashes[2] or hashes[1] & hashes[2])
+    assert sum(t.num_rows for t in splits) == 500
 
 
-def test_split_fraction_close_to_target_and_seed_dependent():
-    hashes = pa.array([row(f"p{i}", "a", "b")["prompt_hash"] for i in range(4000)])
-    mask = holdout_mask(hashes, 0.1, seed=0)
-    assert 0.08 < mask.mean() < 0.12
-    assert (holdout_mask(hashes, 0.1, seed=0) == mask).all()
-    assert (holdout_mask(hashes, 0.1, seed=1) != mask).any()
+def test_split_fractions_close_to_target_and_seed_dependent():
+    keys = [f"k{i}" for i in range(8000)]
+    where = assign_splits(keys, 0.1, 0.15, seed=0)
+    assert 0.09 < (where == "test").mean() < 0.11 and 0.135 < (where == "validation").mean() < 0.165
+    assert (assign_splits(keys, 0.1, 0.15, seed=0) == where).all()
+    assert (assign_splits(keys, 0.1, 0.15, seed=1) != where).any()
+
+
+def test_split_validation_is_carved_from_train_test_unchanged():
+    keys = [f"k{i}" for i in range(4000)]
+    without, carved = assign_splits(keys, 0.1, 0.01, seed=3), assign_splits(keys, 0.1, 0.2, seed=3)
+    assert ((without == "test") == (carved == "test")).all()  # test does not move
+    assert set(np.flatnonzero(carved == "validation")) >= set(np.flatnonzero(without == "validation"))
+
+
+def test_split_key_is_normalised_opening_user_turn(shared_data):
+    """Real hh-rlhf rows: conversations that open the same way share a split even when their prompts differ."""
+    from schemas.data_config import SourceConfig
+    from tasks.data.sources import read_source
+
+    path = shared_data / "hh-rlhf" / "harmless-base-test.head300.jsonl"
+    rows = read_source(SourceConfig(name="hh", format="hh-rlhf", path=str(path))).accepted
+    keys, hashes = split_keys(rows["prompt"]), rows["prompt_hash"].to_pylist()
+    by_key: dict[str, set] = {}
+    for k, h in zip(keys, hashes):
+        by_key.setdefault(k, set()).add(h)
+    assert sum(len(v) > 1 for v in by_key.values()) >= 4  # 4+ openings with several different prompts
+    for seed in range(20):  # each such group lands in one split, whatever the seed
+        where = dict(zip(hashes, assign_splits(keys, 0.3, 0.3, seed)))
+        assert all(len({where[h] for h in group}) == 1 for group in by_key.values())
+    system_first = [msg("system", "Be brief."), msg("user", "What is  AI?")]
+    assert (
+        split_keys(table([row(system_first, "a", "b"), row("what is ai?", "c", "d")])["prompt"]).count(
+            split_keys(table([row("WHAT IS AI?", "e", "f")])["prompt"])[0]
+        )
+        == 2
+    )
+
+
+def test_data_config_holdout_over_half_or_tiny_validation_rejected_naming_the_fix():
+    from pydantic import ValidationError
+
+    from schemas.data_config import DataConfig
+
+    with pytest.raises(ValidationError, match=r"test_fraction \(0.3\) \+ data.validation_fraction \(0.3\).*lower one"):
+        DataConfig(test_fraction=0.3, validation_fraction=0.3)
+    with pytest.raises(ValidationError, match=r"validation_fraction\n.*greater than or equal to 0.01"):
+        DataConfig(validation_fraction=0.0)
 
 
 def test_build_dataset_tiny_writes_version_with_reconciled_counts(tiny_dataset):
     m = json.loads((tiny_dataset / "manifest.json").read_text())
     assert tiny_dataset.name == m["version"]
-    for name in ("train", "test"):
+    for name in ("train", "validation", "test"):
         t = pq.read_table(tiny_dataset / f"{name}.parquet")
         assert t.schema.equals(PREFERENCE_SCHEMA, check_metadata=False)
         assert t.num_rows == m["counts"][name] > 0
@@ -63,7 +106,7 @@ def test_build_dataset_rerun_reuses_version(tiny_recipe, tiny_dataset):
 def test_build_dataset_fresh_dir_same_version_byte_identical_parquet(tiny_recipe, tiny_dataset, tmp_path):
     other = build_dataset(tiny_recipe, tmp_path)
     assert not other.reused and other.path.name == tiny_dataset.name
-    for name in ("train", "test", "quarantine"):
+    for name in ("train", "validation", "test", "quarantine"):
         assert (other.path / f"{name}.parquet").read_bytes() == (tiny_dataset / f"{name}.parquet").read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
@@ -128,3 +171,19 @@ def test_build_dataset_10mb_row_quarantined_too_long_and_nothing_lost(tmp_path):
     assert [(x["source_row"], x["reason"]) for x in q] == [(7, "too_long")]
     assert "10000000 chars > max_chars=32000" in q[0]["detail"]
     assert ds.manifest["counts"]["per_source"]["g"] == {"read": 61, "accepted": 60, "quarantined": 1}
+
+
+@pytest.mark.slow
+def test_training_stage_evaluates_on_validation_and_never_reads_test(tiny_dataset, tmp_path):
+    """eval_dataset (built by tasks/training/stage.py for every stage) comes from validation.parquet: with
+    test.parquet gone (only the evaluate stage may read it) a stage still trains and evaluates."""
+    import shutil
+
+    from tasks.training.sft import train_sft
+
+    data = tmp_path / tiny_dataset.name
+    shutil.copytree(tiny_dataset, data)
+    (data / "test.parquet").unlink()
+    recipe = load_recipe(TINY, overrides={"sft": {"args": {"max_steps": 1, "eval_steps": 1, "save_steps": 1}}})
+    sft = train_sft(recipe, data, None, tmp_path / "runs")
+    assert sft.metrics["global_step"] == 1 and "eval_loss_first" in sft.metrics

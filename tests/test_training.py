@@ -67,7 +67,7 @@ def test_tiny_recipe_end_to_end_learns_reloads_and_is_tracked(tiny_dataset, tmp_
     assert run.data.params["sft.args.max_steps"] == str(recipe.sft.args["max_steps"])
     assert run.data.tags["align.recipe_hash"] == recipe.recipe_hash()
     assert {"recipe.yaml", "dataset"} <= {a.path for a in client.list_artifacts(parent)}
-    assert {d.dataset.name.rsplit("/", 1)[1] for d in run.inputs.dataset_inputs} == {"train", "test"}
+    assert {d.dataset.name.rsplit("/", 1)[1] for d in run.inputs.dataset_inputs} == {"train", "validation", "test"}
     children = {
         r.info.run_name: r
         for r in client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")

@@ -428,14 +428,13 @@ def rescore(reward_dir: Path, pairs: pa.Table) -> dict:
 
 
 def check_contract(recipe, tables: CAITables, principles: list[Principle], docs_dir: Path):
-    """The human data's contract on the CAI pairs (as train, no test split): split-size rules do not apply."""
+    """The human data's contract on the CAI pairs (as train, no held-out splits): split-size rules do not apply."""
     from tasks.data.contracts import ContractBreach, run_contract
     from tasks.data.dataset import contract_params
 
     params = {**contract_params(recipe), "allowed_sources": sorted({source_of(p) for p in principles})}
     result = run_contract(
-        tables.pairs,
-        PREFERENCE_SCHEMA.empty_table(),
+        {"train": tables.pairs},
         tables.quarantine,
         counts_for_contract(tables, principles),
         recipe.data.contract,

@@ -3,8 +3,8 @@
 The suite's expectations run on four *views*, small tables derived here from the canonical Arrow tables
 (see :func:`build_views`), so that every rule is one stock GX expectation on one flat column:
 
-- ``rows``: train + test, one row per pair, with flat columns derived from the message lists;
-- ``splits``: one row of split sizes and the test share;
+- ``rows``: train + validation + test, one row per pair, with flat columns derived from the message lists;
+- ``splits``: one row of split sizes and the validation and test shares;
 - ``sources``: one row per source, the reconciliation counts next to the rows actually present;
 - ``quarantine``: the quarantine table as written.
 
@@ -29,7 +29,8 @@ import yaml
 from pydantic import ValidationError
 
 from schemas.contract import ExpectationSpec, Suite, gx_expectation_class  # noqa: F401 (re-exported)
-from schemas.preference import ROLES, Reason, render_messages
+from schemas.preference import PREFERENCE_SCHEMA, ROLES, Reason, render_messages
+from tasks.data.split import SPLITS, split_keys
 
 VIEWS = ("rows", "splits", "sources", "quarantine")
 SIDES = ("chosen", "rejected")
@@ -128,19 +129,15 @@ def _resolve(value: Any, params: dict | None) -> Any:
 # ------------------------------------------------------------------------------------------------- views
 
 
-def build_views(train: pa.Table, test: pa.Table, quarantine: pa.Table, counts: dict) -> dict[str, pa.Table]:
-    """The four tables the suite's expectations run on (vectorised; no Python loop over rows)."""
-    rows = _rows_view(train, test)
-    total, n_test = rows.num_rows, len(test)
-    splits = pa.table(
-        {
-            "total_rows": [total],
-            "train_rows": [len(train)],
-            "test_rows": [n_test],
-            "test_share": [n_test / total if total else float("nan")],
-            ROW_REF: ["splits"],
-        }
-    )
+def build_views(splits: dict[str, pa.Table], quarantine: pa.Table, counts: dict) -> dict[str, pa.Table]:
+    """The four tables the suite's expectations run on (vectorised; no Python loop over rows).
+    ``splits``: train / validation / test tables (a missing one counts as empty)."""
+    tables = {name: splits.get(name, PREFERENCE_SCHEMA.empty_table()) for name in SPLITS}
+    rows = _rows_view(tables)
+    total = rows.num_rows
+    sizes = {f"{name}_rows": [len(t)] for name, t in tables.items()}
+    shares = {f"{name}_share": [len(tables[name]) / total if total else float("nan")] for name in SPLITS[1:]}
+    splits = pa.table({"total_rows": [total], **sizes, **shares, ROW_REF: ["splits"]})
     return {
         "rows": rows,
         "splits": splits,
@@ -149,28 +146,27 @@ def build_views(train: pa.Table, test: pa.Table, quarantine: pa.Table, counts: d
     }
 
 
-def _rows_view(train: pa.Table, test: pa.Table) -> pa.Table:
-    """train + test with the flat columns the row expectations read.
+def _rows_view(tables: dict[str, pa.Table]) -> pa.Table:
+    """train + validation + test with the flat columns the row expectations read.
 
-    row_ref: id, or "source:source_row" where id is null. split: train/test.
+    row_ref: id, or "source:source_row" where id is null. split: train/validation/test.
     {prompt,chosen,rejected}_turns: message count, null iff the list is null.
     prompt_roles_valid: ≥1 turn, every role in ROLES. {chosen,rejected}_roles_valid: ≥1 turn, all assistant.
     prompt_last_role: role of the last prompt turn, "<none>" for an empty prompt.
     min_turn_chars / max_turn_chars: shortest / longest content over all turns (null content counts 0).
     answers_identical: chosen and rejected render to the same role+content text.
-    prompt_hash_in_both_splits: the row's prompt_hash occurs in train and in test.
+    prompt_hash_other_split / split_key_other_split: the row's prompt hash / split key (its normalised opening
+    user turn, tasks/data/split.py) occurs in another split too.
     {chosen,rejected}_leading_ws / _trailing_ws: the answer's first turn starts / last turn ends with
     whitespace. {chosen,rejected}_chars: characters over the answer's turns. (Summed per source in `sources`.)
     """
-    both = pa.concat_tables([train, test], promote_options="permissive")
+    both = pa.concat_tables(list(tables.values()), promote_options="permissive")
     n = both.num_rows
-    split = np.where(np.arange(n) < len(train), "train", "test")
+    split = np.repeat(np.array(SPLITS), [len(t) for t in tables.values()])
     prompt, chosen, rejected = (_turn_stats(both[c], n) for c in ("prompt", "chosen", "rejected"))
     turn_min = np.minimum.reduce([s["min_chars"] for s in (prompt, chosen, rejected)])
     turn_max = np.maximum.reduce([s["max_chars"] for s in (prompt, chosen, rejected)])
-    hashes = both["prompt_hash"]
-    in_train = pc.is_in(hashes, value_set=pc.unique(train["prompt_hash"]).drop_null())
-    in_test = pc.is_in(hashes, value_set=pc.unique(test["prompt_hash"]).drop_null())
+    keys = pa.array(split_keys(both["prompt"]), pa.string())
     return pa.table(
         {
             ROW_REF: pc.coalesce(both["id"], _source_refs(both)),
@@ -186,7 +182,8 @@ def _rows_view(train: pa.Table, test: pa.Table) -> pa.Table:
             "min_turn_chars": np.where(turn_min == np.iinfo(np.int64).max, 0, turn_min),
             "max_turn_chars": turn_max,
             "answers_identical": _identical(both["chosen"], both["rejected"], chosen, rejected),
-            "prompt_hash_in_both_splits": pc.and_(in_train, in_test),
+            "prompt_hash_other_split": _in_other_split(both["prompt_hash"].combine_chunks(), split),
+            "split_key_other_split": _in_other_split(keys, split),
             **{f"{side}_{k}": stats[k] for side, stats in (("chosen", chosen), ("rejected", rejected)) for k in EDGES},
         }
     )
@@ -228,6 +225,17 @@ def _turn_stats(column: pa.ChunkedArray, n: int) -> dict[str, Any]:
 
     stats["roles_in"] = roles_in
     return stats
+
+
+def _in_other_split(values: pa.Array, split: np.ndarray) -> np.ndarray:
+    """Per row: its value (null never matches) also occurs in a split other than the row's own."""
+    splits_holding = np.zeros(len(values), dtype=np.int64)
+    for name in SPLITS:
+        here = split == name
+        if here.any():
+            value_set = pc.unique(values.filter(pa.array(here))).drop_null()
+            splits_holding += pc.is_in(values, value_set=value_set).fill_null(False).to_numpy(zero_copy_only=False)
+    return splits_holding > 1
 
 
 def _fill_false(flags: pa.Array) -> np.ndarray:
@@ -361,8 +369,7 @@ def describe_breach(failure: dict) -> str:
 
 
 def run_contract(
-    train: pa.Table,
-    test: pa.Table,
+    splits: dict[str, pa.Table],
     quarantine: pa.Table,
     counts: dict,
     suite_path: str | Path,
@@ -375,7 +382,7 @@ def run_contract(
     placeholders (test_fraction, split_tolerance, min_chars, max_chars, allowed_sources, ...).
     """
     suite = load_suite(suite_path)
-    views = build_views(train, test, quarantine, counts)
+    views = build_views(splits, quarantine, counts)
     total_rows = views["rows"].num_rows
     kwargs = _resolved_kwargs(suite, views, {**BUILTIN_PARAMS, **suite.params, **params}, suite_path)
     gx_results, docs_index = _validate(suite, views, kwargs, total_rows, suite_path, docs_dir)
@@ -398,7 +405,7 @@ def run_contract(
             "passed": sum(e["success"] for e in entries),
             "critical_failures": len(critical),
             "warnings": len(warnings),
-            "rows": {"train": len(train), "test": len(test), "quarantine": len(quarantine)},
+            "rows": {**{name: len(splits.get(name, ())) for name in SPLITS}, "quarantine": len(quarantine)},
         },
         "splits": _jsonable(views["splits"].drop_columns([ROW_REF]).to_pylist()[0]),
         "expectations": entries,

@@ -1,6 +1,7 @@
-"""Split by prompt hash and write an immutable, versioned dataset directory.
+"""Split (tasks/data/split.py) and write an immutable, versioned dataset directory.
 
-    <output_dir>/<version>/train.parquet, test.parquet, quarantine.parquet, manifest.json, data_docs/
+    <output_dir>/<version>/train.parquet, validation.parquet, test.parquet, quarantine.parquet, manifest.json,
+    data_docs/
 
 version = hash(schema version, recipe `sources` + `data` sections, sha256 of every input). Writes go to
 a temporary sibling directory that is renamed into place at the end, so a crash or a concurrent run
@@ -29,11 +30,11 @@ from schemas.recipe import Recipe
 from tasks.data.clean import clean_rows, read_eval_prompts
 from tasks.data.preload import import_in_background
 from tasks.data.sources.readers import file_sha256
-from tasks.data.split import split_rows
+from tasks.data.split import SPLITS, split_rows
 from tasks.registry.secrets import redact
 from tasks.runtime.retries import retry_on_transient_io
 
-SPLIT_FILES = ("train", "test", "quarantine")
+SPLIT_FILES = (*SPLITS, "quarantine")  # validation: in-training evaluation; test: the evaluate stage only
 
 
 @dataclass
@@ -74,9 +75,9 @@ def counts_by(table: pa.Table, *keys: str) -> dict:
     return out
 
 
-def reconciliation(results, train: pa.Table, test: pa.Table, quarantine: pa.Table) -> dict:
-    """Per source: rows read, accepted (train + test) and quarantined (by any stage)."""
-    acc = counts_by(pa.concat_tables([train.select(["source"]), test.select(["source"])]), "source")
+def reconciliation(results, splits: list[pa.Table], quarantine: pa.Table) -> dict:
+    """Per source: rows read, accepted (in any split) and quarantined (by any stage)."""
+    acc = counts_by(pa.concat_tables([t.select(["source"]) for t in splits]), "source")
     qua = counts_by(quarantine.select(["source"]), "source")
     return {
         "per_source": {
@@ -130,7 +131,7 @@ def build_dataset(recipe: Recipe, output_dir: Path | None = None, tokenizer=None
             recipe.data.lengths.tokenizer, trust_remote_code=recipe.model.trust_remote_code
         )
     cleaned = clean_rows(rows, recipe.data, read_eval_prompts(recipe.data.decontaminate), tokenizer)
-    train, test = split_rows(cleaned.accepted, recipe.data.test_fraction, recipe.data.seed)
+    splits = split_rows(cleaned.accepted, recipe.data.test_fraction, recipe.data.validation_fraction, recipe.data.seed)
     quarantine = pa.concat_tables([r.quarantine for r in results] + [cleaned.quarantine]).cast(QUARANTINE_SCHEMA)
     quarantine = quarantine.sort_by([("source", "ascending"), ("source_row", "ascending")])
     manifest = {
@@ -145,13 +146,11 @@ def build_dataset(recipe: Recipe, output_dir: Path | None = None, tokenizer=None
         ),
         "inputs": [r.input for r in results],
         "counts": {
-            "train": train.num_rows,
-            "test": test.num_rows,
+            **{name: t.num_rows for name, t in splits._asdict().items()},
             "quarantine": quarantine.num_rows,
-            **reconciliation(results, train, test, quarantine),
+            **reconciliation(results, list(splits), quarantine),
             "per_split_source": {
-                "train": counts_by(train.select(["source"]), "source"),
-                "test": counts_by(test.select(["source"]), "source"),
+                name: counts_by(t.select(["source"]), "source") for name, t in splits._asdict().items()
             },
             "quarantine_reasons": counts_by(quarantine.select(["source", "reason"]), "source", "reason"),
             # per source: rows checked, contaminated (exact / n-gram match; matched before the last turn)
@@ -161,7 +160,7 @@ def build_dataset(recipe: Recipe, output_dir: Path | None = None, tokenizer=None
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=output_dir))
     try:
-        write_version(tmp, recipe, manifest, {"train": train, "test": test, "quarantine": quarantine})
+        write_version(tmp, recipe, manifest, {**splits._asdict(), "quarantine": quarantine})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -185,8 +184,7 @@ def write_version(tmp: Path, recipe: Recipe, manifest: dict, tables: dict[str, p
     from tasks.data.contracts import run_contract
 
     contract = run_contract(
-        tables["train"],
-        tables["test"],
+        {name: tables[name] for name in SPLITS},
         tables["quarantine"],
         {"per_source": manifest["counts"]["per_source"]},
         recipe.data.contract,
@@ -214,6 +212,7 @@ def write_version(tmp: Path, recipe: Recipe, manifest: dict, tables: dict[str, p
 def contract_params(recipe: Recipe) -> dict:
     return {
         "test_fraction": recipe.data.test_fraction,
+        "validation_fraction": recipe.data.validation_fraction,
         "split_tolerance": recipe.data.split_tolerance,
         "min_chars": recipe.data.lengths.min_chars,
         "max_chars": recipe.data.lengths.max_chars,
@@ -247,7 +246,8 @@ def publish_dataset_report(dataset: DatasetVersion) -> None:
     lines = [
         f"# Dataset `{m['version']}`{' (reused)' if dataset.reused else ''}",
         "",
-        f"`{dataset.path}` · train {m['counts']['train']} · test {m['counts']['test']} · "
+        f"`{dataset.path}` · train {m['counts']['train']} · validation {m['counts'].get('validation', 0)} · "
+        f"test {m['counts']['test']} · "
         f"quarantine {m['counts']['quarantine']}",
         "",
         "| source | read | accepted | quarantined | reasons | contaminated (exact / n-gram / before last turn) |",

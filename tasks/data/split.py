@@ -1,29 +1,69 @@
-"""The split: by prompt hash, so one prompt is never on both sides of a split, in any table."""
+"""The split: train / validation / test, decided per *conversation opening*, so no prompt (and no conversation
+that opens the same way) sits in two splits, in any table.
+
+- The split key of a row is the hash of its first user turn, normalised as in
+  ``schemas.preference.normalise_prompt_text`` (NFKC, case-folded, whitespace collapsed). Hashing the whole
+  prompt let a multi-turn row that opens with a test prompt land in train (the real hh-rlhf rows have such
+  pairs), and the same question with and without a system prompt straddle the split. Rows with the same
+  prompt share their opening, so they share a split too (the contract checks both).
+- One uniform number per key, fixed by (seed, key): below ``test_fraction`` → test (so test does not move when
+  the validation fraction changes), then the next ``validation_fraction`` → validation (carved from what was
+  train), the rest → train. ``validation`` drives in-training evaluation and checkpoint choice; ``test`` is
+  read by the evaluate stage only.
+"""
 
 from __future__ import annotations
 
 import hashlib
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.preference import normalise_prompt_texts
+
+SPLITS = ("train", "validation", "test")
 
 
-def holdout_mask(prompt_hashes: pa.ChunkedArray | pa.Array, test_fraction: float, seed: int) -> np.ndarray:
-    """True where a row goes to test. Decided by (seed, prompt hash) alone: one prompt, one split."""
-    salt = f"{seed}:".encode()
+class Splits(NamedTuple):
+    train: pa.Table
+    validation: pa.Table
+    test: pa.Table
+
+
+def split_keys(prompts: pa.ChunkedArray | pa.ListArray) -> list[str]:
+    """The split key of every row of a ``MESSAGES`` column: hash of its normalised first user turn."""
+    arr = prompts.combine_chunks() if isinstance(prompts, pa.ChunkedArray) else prompts
+    openings = [""] * len(arr)
+    if len(arr):
+        flat = arr.flatten()
+        users = np.flatnonzero(pc.equal(flat.field("role"), "user").fill_null(False).to_numpy(zero_copy_only=False))
+        parents = pc.list_parent_indices(arr).to_numpy()[users]
+        rows, first = np.unique(parents, return_index=True)  # the first user turn of each row
+        texts = normalise_prompt_texts(flat.field("content").take(pa.array(users[first], pa.int64())))
+        for row, text in zip(rows.tolist(), texts.to_pylist()):
+            openings[row] = text or ""
+    return [hashlib.blake2b(t.encode("utf-8"), digest_size=16).hexdigest() for t in openings]
+
+
+def assign_splits(keys: list[str], test_fraction: float, validation_fraction: float, seed: int) -> np.ndarray:
+    """The split of each key (train, validation or test), decided by (seed, key) alone: one key, one split."""
     # Hand-rolled on purpose: datasets' train_test_split splits rows, not prompts, and would let one prompt
-    # straddle train and test; hashing the prompt key is the standard leak-free split.
-    cut = int(test_fraction * 2**64)
-    return np.fromiter(
-        (
-            int.from_bytes(hashlib.blake2b(salt + h.encode(), digest_size=8).digest(), "big") < cut
-            for h in prompt_hashes.to_pylist()
-        ),
-        dtype=bool,
-        count=len(prompt_hashes),
+    # straddle the splits; hashing the key is the standard leak-free split.
+    salt = f"{seed}:".encode()
+    draws = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(salt + k.encode(), digest_size=8).digest(), "big") for k in keys),
+        dtype=np.uint64,
+        count=len(keys),
     )
+    test_cut, validation_cut = (
+        np.uint64(min(int(f * 2**64), 2**64 - 1)) for f in (test_fraction, test_fraction + validation_fraction)
+    )
+    return np.where(draws < test_cut, "test", np.where(draws < validation_cut, "validation", "train"))
 
 
-def split_rows(table: pa.Table, test_fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
-    mask = holdout_mask(table["prompt_hash"], test_fraction, seed)
-    return table.filter(pa.array(~mask)), table.filter(pa.array(mask))
+def split_rows(table: pa.Table, test_fraction: float, validation_fraction: float, seed: int) -> Splits:
+    """The canonical rows split three ways (row order kept within each split)."""
+    where = assign_splits(split_keys(table["prompt"]), test_fraction, validation_fraction, seed)
+    return Splits(*(table.filter(pa.array(where == name)) for name in SPLITS))

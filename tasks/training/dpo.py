@@ -62,7 +62,7 @@ def dpo_heldout_metrics(recipe):
         policy = load_causal_lm(model_dir, dtype=dtype, trust_remote_code=remote).to(device).eval()
         ref = load_causal_lm(base, dtype=dtype, tokenizer=tokenizer, trust_remote_code=remote).to(device).eval()
         beta = dpo_beta(recipe)
-        test = Path(dataset_dir) / "test.parquet"
+        test = Path(dataset_dir) / "validation.parquet"
         rows = read_rows([test])
         start = dpo_preference_metrics(ref, ref, tokenizer, rows, beta, str(test))
         end = dpo_preference_metrics(policy, ref, tokenizer, rows, beta, str(test))

@@ -117,7 +117,7 @@ def reward_heldout_metrics(recipe):
         scorer = RewardScorer.load(
             model_dir, dtype=stage_dtype(recipe), trust_remote_code=recipe.model.trust_remote_code
         )
-        metrics = pair_metrics(scorer, read_rows([Path(dataset_dir) / "test.parquet"]))
+        metrics = pair_metrics(scorer, read_rows([Path(dataset_dir) / "validation.parquet"]))
         return {**metrics, "heldout_cut": scorer.cut}
 
     return heldout

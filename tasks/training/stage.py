@@ -389,7 +389,7 @@ def train(
         peft_config=peft_config(cfg.lora, task_type),
     )
     if config.eval_strategy != "no":
-        kwargs["eval_dataset"] = to_dataset(method, read_rows([dataset_dir / "test.parquet"]))
+        kwargs["eval_dataset"] = to_dataset(method, read_rows([dataset_dir / "validation.parquet"]))
     if method.name == "dpo" and cfg.lora is None:
         kwargs["ref_model"] = load_causal_lm(  # the base (SFT) model, frozen
             base, tokenizer=tokenizer, trust_remote_code=recipe.model.trust_remote_code
