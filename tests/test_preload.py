@@ -1,4 +1,4 @@
-"""tasks/data/preload.py: slow imports in a background thread, and no fork while one runs."""
+"""tasks/data/preload.py: slow imports in a background thread, finished before the caller imports again."""
 
 from __future__ import annotations
 
@@ -34,13 +34,3 @@ def test_import_in_background_failure_surfaces_at_the_callers_import(tmp_path, m
         assert "broken on purpose" in str(e)
     else:
         raise AssertionError("the import error must reach the caller")
-
-
-def test_fork_pool_waits_for_background_imports(tmp_path, monkeypatch):
-    from tasks.data.sources import core
-
-    _slow_module(tmp_path, monkeypatch, "align_slow_import_b", 0.5)
-    preload.import_in_background("align_slow_import_b")
-    with core._fork_pool(1) as pool:
-        assert getattr(sys.modules["align_slow_import_b"], "VALUE", None) == 42 and not preload._threads
-        assert pool.apply(sum, ([1, 2],)) == 3

@@ -113,7 +113,7 @@ def build_dataset(recipe: Recipe, output_dir: Path | None = None, tokenizer=None
     started = time.perf_counter()
     output_dir = Path(output_dir or recipe.data.output_dir)
     # The contract step's Great Expectations import (2-3 s) runs while workers parse the last source:
-    # not an earlier one, as the next source's workers could not fork until the import is done.
+    # not an earlier one, as reading the next source imports in this thread, which must wait for it.
     last = len(recipe.sources) - 1
     results = [
         read_source(cfg, seed=recipe.data.seed, while_parsing=_import_contract_modules if k == last else None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import random
 import tempfile
@@ -34,6 +33,7 @@ from schemas.preference import (
 from tasks.data.preload import wait_for_background_imports
 from tasks.data.sources.base import RowError
 from tasks.data.sources.formats import get_adapter
+from tasks.data.sources.parallel import PROGRESS_EVERY, run_jobs
 from tasks.data.sources.readers import (
     file_sha256,
     hub_fingerprint,
@@ -86,20 +86,8 @@ def read_source(
 
     with closing(rows):
         if len(ranges) > 1:
-            with (
-                _fork_pool(len(ranges)) as pool,
-                tempfile.TemporaryDirectory(prefix="align-parse-", dir=_spool_dir(path.stat().st_size)) as spool,
-            ):
-                pending = pool.starmap_async(_convert_range, [(cfg, path, r, seed, spool) for r in ranges])
-                location["sha256"] = file_sha256(path)  # while the workers parse
-                if while_parsing is not None:
-                    while_parsing()
-                parts = pending.get()
-                # What the hook imports in the background must be done before this thread imports
-                # anything (Arrow loads pandas below): two threads importing one package with circular
-                # imports (Great Expectations, pandas) can get a partially initialised module.
-                wait_for_background_imports()
-                out = _Collector.merge(cfg.name, parts)
+            with tempfile.TemporaryDirectory(prefix="align-parse-", dir=_spool_dir(path.stat().st_size)) as spool:
+                out = _read_parallel(cfg, path, ranges, seed, spool, location, while_parsing)
         else:
             if cfg.hub is None:
                 location["sha256"] = file_sha256(path)
@@ -124,15 +112,28 @@ def _parallel_ranges(cfg: SourceConfig, path: Path) -> list[tuple[int, int]]:
     return line_ranges(path, workers)
 
 
-def _fork_pool(n: int):
-    # fork, as datasets.map does: the children inherit the imported modules and start in milliseconds.
-    wait_for_background_imports()  # a child must not inherit a half-done import's locks
-    return multiprocessing.get_context("fork").Pool(n)
+def _read_parallel(cfg: SourceConfig, path: Path, ranges, seed: int, spool: str, location: dict, while_parsing):
+    """Parse each byte range in its own worker process (``parallel.run_jobs``: exec'd, never forked from this
+    process and its threads; a worker that stalls or dies fails the read naming its range)."""
+    jobs = [(cfg, path, r, seed, spool) for r in ranges]
+    labels = [f"{path} bytes {start:,}-{end:,} (source {cfg.name!r})" for start, end in ranges]
+
+    def meanwhile() -> None:  # this process's own work while the workers parse
+        location["sha256"] = file_sha256(path)
+        if while_parsing is not None:
+            while_parsing()
+
+    parts = run_jobs("tasks.data.sources.core:parse_range", jobs, labels, meanwhile=meanwhile)
+    # What the hook imports in the background must be done before this thread imports anything (Arrow
+    # loads pandas below): two threads importing one package with circular imports (Great Expectations,
+    # pandas) can get a partially initialised module.
+    wait_for_background_imports()
+    return _Collector.merge(cfg.name, parts)
 
 
 def _spool_dir(input_bytes: int) -> str | None:
     """Where workers hand their Arrow batches over as files, which the parent maps (unpickling ~80 MB per
-    worker from the pool's pipe cost it ~0.5 s of CPU): /dev/shm (memory) when it has room for about
+    worker from a pipe cost it ~0.5 s of CPU): /dev/shm (memory) when it has room for about
     twice the input (Docker's default is 64 MB), else the temporary directory."""
     try:
         shm = os.statvfs("/dev/shm")
@@ -141,10 +142,28 @@ def _spool_dir(input_bytes: int) -> str | None:
     return "/dev/shm" if shm.f_bavail * shm.f_frsize > 2 * input_bytes else None
 
 
-def _convert_range(cfg: SourceConfig, path: Path, byte_range: tuple[int, int], seed: int, spool: str) -> _Collector:
-    out = _convert(json_lines_range(path, *byte_range), cfg, path.name, seed)
+def parse_range(
+    cfg: SourceConfig,
+    path: Path,
+    byte_range: tuple[int, int],
+    seed: int,
+    spool: str,
+    progress: Callable[[str], object],
+) -> _Collector:
+    """One worker's part of a parallel read: the rows in ``byte_range`` of ``path``, their batches spooled
+    to an Arrow file in ``spool``; ``progress`` is called every ``PROGRESS_EVERY`` rows (the stall watch)."""
+    progress(f"byte {byte_range[0]:,} (started)")
+    out = _convert(_reporting(json_lines_range(path, *byte_range), progress), cfg, path.name, seed)
+    progress("all rows parsed (writing its batches)")
     out.spool(spool)
     return out
+
+
+def _reporting(rows, progress: Callable[[str], object]):
+    for k, row in enumerate(rows, 1):
+        yield row
+        if k % PROGRESS_EVERY == 0:
+            progress(f"line {row[0] + 1:,}")
 
 
 def _convert(rows, cfg: SourceConfig, label: str, seed: int) -> _Collector:

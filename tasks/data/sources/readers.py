@@ -31,6 +31,10 @@ RawRow = tuple[int, "dict | None", "str | None", "tuple[Reason, str] | None"]
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
 
+class SourceError(ValueError):
+    """A source that cannot be read as a whole; the message names the file (or source) and what is wrong."""
+
+
 def resolve_path(path: str | Path, source: str, base_dir: Path | None = None) -> Path:
     """``path`` as given if it exists (absolute, or relative to the working directory), else under ``base_dir``."""
     candidate = Path(path)
