@@ -5,8 +5,8 @@ cai:
   constitution: recipes/constitutions/hhh.yaml    # our YAML layout, or HF's CAI-recipe JSON
   prompts:                                        # any data-plane source (its prompts), or a plain prompt file
     - {name: demo/hh-rlhf, format: hh-rlhf, path: examples/data/hh-rlhf.jsonl}
-    - {name: demo/red-team, format: prompts, path: examples/data/red_team.txt}
-  limit: 64                                       # after de-duplication and test-split exclusion
+    - {name: demo/red-team, format: prompts, path: examples/data/cai_prompts.txt}
+  limit: 64                                       # after cleaning, decontamination, held-out exclusion, dedupe
   generation: {max_new_tokens: 64, temperature: 0.7, top_p: 0.95, stop: ["\\n\\n"], batch_size: 8}
   mix: {sft: {weight: 1.0}, reward: {weight: 1.0, max_fraction: 0.5}, dpo: {weight: 1.0}}
 ```
@@ -65,7 +65,9 @@ class CAIConfig(Strict):
     few_shot: int | None = Field(None, ge=0, description="few-shot conversations used; empty = all of them")
     seed: int = Field(0, description="principle sampling seed")
     prompts: list[PromptSource] = Field(default_factory=list)
-    limit: int | None = Field(None, gt=0, description="prompts used, after de-duplication")
+    limit: int | None = Field(
+        None, gt=0, description="prompts used, after cleaning, decontamination, held-out exclusion and dedupe"
+    )
     model: str | None = Field(None, description="model for the initial response; empty = the SFT stage's output")
     critic_model: str | None = Field(
         None, description="model for critique and revision (RLAIF with a stronger model); empty = `model`"

@@ -6,25 +6,33 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from schemas.cai_config import GenerationSpec, MixSpec
 from schemas.constitution import load_constitution, parse_constitution
-from schemas.preference import PREFERENCE_SCHEMA, QUARANTINE_SCHEMA, Reason, prompt_hash
+from schemas.preference import (
+    MESSAGES,
+    PREFERENCE_SCHEMA,
+    QUARANTINE_SCHEMA,
+    Reason,
+    normalise_prompt_text,
+    prompt_hash,
+)
 from schemas.recipe import load_recipe
+from tasks.cai.prompts import CAIPrompt, cai_prompts, held_out_split_keys, select_prompts
 from tasks.cai.stage import (
-    CAIPrompt,
     build_tables,
     critique_and_revise,
     examples_markdown,
-    held_out_prompt_hashes,
     mix_rows,
     quarantine_reason,
     run_cai,
     sample_principles,
-    select_prompts,
 )
+from tasks.data.decontaminate import read_eval_prompts
+from tasks.data.split import split_keys
 from tasks.training.generation import BackendUnavailable, GenOutput, cut_at_stop, require_vllm
 
 TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
@@ -167,16 +175,63 @@ def test_build_tables_rows_accounted_and_traceable():
     assert "principle `p0`" in examples_markdown(t.samples)
 
 
-def test_select_prompts_dedupes_excludes_test_and_limits():
+def test_select_prompts_dedupes_excludes_held_out_openings_and_limits():
     ps = [prompt(0, "Hi there"), prompt(1, "hi   THERE"), prompt(2, "secret test"), prompt(3, "a"), prompt(4, "b")]
-    kept, counts = select_prompts(ps, {ps[2].prompt_hash}, limit=2)
-    assert [p.source_row for p in kept] == [0, 3]
-    assert counts == {
-        "prompts_read": 5,
-        "prompts_duplicate": 1,
-        "prompts_in_test": 1,
-        "prompts_over_limit": 1,
-        "prompts_used": 2,
+    multi = [
+        {"role": "user", "content": "Secret  TEST"},
+        {"role": "assistant", "content": "x"},
+        msg := ps[3].prompt[0],
+    ]
+    ps.append(CAIPrompt("test/src", 5, multi, prompt_hash(multi)))  # opens like the held-out prompt
+    held_out = set(split_keys(pa.array([ps[2].prompt], MESSAGES)))
+    kept, counts = select_prompts(ps, held_out, limit=2)
+    assert [p.source_row for p in kept] == [0, 3] and msg in ps[5].prompt
+    assert counts == {"prompts_held_out": 2, "prompts_duplicate": 1, "prompts_over_limit": 1, "prompts_used": 2}
+
+
+def user_texts(prompts: list[list[dict]]) -> set[str]:
+    return {normalise_prompt_text(m["content"]) for p in prompts for m in p if m["role"] == "user"}
+
+
+def test_cai_prompts_keep_every_evaluation_prompt_out(tiny_recipe, tiny_dataset, tmp_path):
+    """A CAI prompt source holding validation and test prompts, a decontamination-list prompt, a red-team and a
+    benign evaluation prompt, and the hh rows the data plane quarantined as contaminated: none is selected."""
+    held_out = {s: pq.read_table(tiny_dataset / f"{s}.parquet")["prompt"].to_pylist() for s in ("validation", "test")}
+    openings = [next(m["content"] for m in p if m["role"] == "user") for s in held_out.values() for p in s[:2]]
+    evaluate = tiny_recipe.evaluate
+    eval_files = [*tiny_recipe.data.decontaminate, evaluate.safety_prompts, getattr(evaluate, "benign_prompts", None)]
+    evaluation = read_eval_prompts([f for f in eval_files if f])
+    fresh = "How do I get my neighbour's wifi password without asking?"
+    leaky = tmp_path / "leaky.txt"
+    leaky.write_text("\n".join([*openings, evaluation[0].upper(), *evaluation[-3:], fresh]) + "\n")
+    hh = {"name": "demo/hh-rlhf", "format": "hh-rlhf", "path": str(tiny_recipe.sources[0].path)}
+    cai = {"prompts": [{"name": "leaky", "format": "prompts", "path": str(leaky)}, hh], "limit": None}
+    recipe = load_recipe(TINY_RECIPE, overrides={"cai": cai})
+    prompts, counts = cai_prompts(recipe, tiny_dataset)
+
+    selected = [p.prompt for p in prompts]
+    assert [p.prompt for p in prompts if p.source == "leaky"] == [[{"role": "user", "content": fresh}]]
+    banned = {normalise_prompt_text(t) for t in evaluation} | user_texts(held_out["validation"] + held_out["test"])
+    assert not user_texts(selected) & banned
+    assert not set(split_keys(pa.array(selected, MESSAGES))) & held_out_split_keys(tiny_dataset)
+    quarantine = pq.read_table(tiny_dataset / "quarantine.parquet").to_pylist()
+    contaminated = {
+        q["source_row"] for q in quarantine if q["source"] == "demo/hh-rlhf" and q["reason"] == "contaminated"
+    }
+    assert contaminated and not contaminated & {p.source_row for p in prompts if p.source == "demo/hh-rlhf"}
+    assert counts["prompts_held_out"] >= len(openings) and counts["prompts_quarantined_contaminated"] >= 4
+    assert counts["prompts_read"] == sum(
+        v for k, v in counts.items() if k != "prompts_read" and k != "prompts_used"
+    ) + len(prompts)
+
+
+def test_tiny_recipe_cai_prompt_files_share_no_prompt_with_evaluation(tiny_recipe):
+    files = [src.path for src in tiny_recipe.cai.prompts if src.format == "prompts"]
+    evaluate = tiny_recipe.evaluate
+    evaluation = {evaluate.safety_prompts, getattr(evaluate, "benign_prompts", None), *tiny_recipe.data.decontaminate}
+    assert files and not set(files) & evaluation
+    assert not {normalise_prompt_text(t) for t in read_eval_prompts(files)} & {
+        normalise_prompt_text(t) for t in read_eval_prompts([f for f in evaluation if f])
     }
 
 
@@ -207,7 +262,7 @@ def cai_recipe(tiny_recipe_path, **generation):
         overrides={
             "cai": {
                 "prompts": [
-                    {"name": "demo/red-team", "format": "prompts", "path": "examples/data/red_team.txt"},
+                    {"name": "demo/red-team", "format": "prompts", "path": "examples/data/cai_prompts.txt"},
                     {"name": "demo/hh-rlhf", "format": "hh-rlhf", "path": "examples/data/hh-rlhf.jsonl"},
                 ],
                 "limit": 6,
@@ -243,7 +298,7 @@ def test_run_cai_fake_generator_writes_contracted_outputs(tiny_dataset, tmp_path
     pairs = pq.read_table(result.files["pairs"])
     assert pairs.num_rows == 6 and result.metrics["prompts_used"] == 6
     assert result.metrics["pairs"] + result.metrics["quarantined"] == 6
-    assert not set(pairs["prompt_hash"].to_pylist()) & held_out_prompt_hashes(ds)
+    assert not set(split_keys(pairs["prompt"])) & held_out_split_keys(ds)
     manifest = json.loads(result.files["manifest"].read_text())
     assert manifest["contract"]["success"] or all(
         f["table"] == "splits"

@@ -187,3 +187,23 @@ def test_training_stage_evaluates_on_validation_and_never_reads_test(tiny_datase
     recipe = load_recipe(TINY, overrides={"sft": {"args": {"max_steps": 1, "eval_steps": 1, "save_steps": 1}}})
     sft = train_sft(recipe, data, None, tmp_path / "runs")
     assert sft.metrics["global_step"] == 1 and "eval_loss_first" in sft.metrics
+
+
+def test_build_dataset_evaluate_prompt_files_decontaminated_and_versioned(tmp_path):
+    """evaluate.safety_prompts are evaluation prompts too: kept out of the human splits, part of the version."""
+    from schemas.recipe import parse_recipe
+
+    red_team = tmp_path / "red_team.txt"
+    red_team.write_text("How do I pick a lock?\n")
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": "No idea."} for i in range(60)]
+    rows.append({"prompt": "how do I  PICK a lock?", "chosen": "Like this.", "rejected": "No."})
+    path = tmp_path / "g.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"name": "t", "sources": [{"name": "g", "format": "generic", "path": str(path)}]}
+    ds = build_dataset(parse_recipe({**recipe, "evaluate": {"safety_prompts": str(red_team)}}), tmp_path / "out")
+    q = pq.read_table(ds.path / "quarantine.parquet").to_pylist()
+    assert [(x["source_row"], x["reason"]) for x in q] == [(60, "contaminated")]
+    assert ds.manifest["counts"]["decontamination"]["g"]["exact"] == 1
+    red_team.write_text("How do I pick a lock?\nHow do I hotwire a car?\n")
+    again = build_dataset(parse_recipe({**recipe, "evaluate": {"safety_prompts": str(red_team)}}), tmp_path / "out")
+    assert again.path.name != ds.path.name  # the evaluation prompt file is part of the dataset version

@@ -1,6 +1,7 @@
 """Constitutional AI self-critique: prompt → initial response → critique → revision, as one conversation.
 
-For each prompt (de-duplicated, never from the human test split) a principle is sampled (seeded random or
+For each prompt (cleaned and decontaminated as human data, never a validation or test conversation:
+tasks/cai/prompts.py) a principle is sampled (seeded random or
 round-robin) and the conversation grows turn by turn, the constitution's few-shot examples first::
 
     [few-shot turns...] user: prompt → assistant: initial → user: critique request → assistant: critique
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from schemas.cai_config import CAIConfig, MixSpec, PromptFile
+from schemas.cai_config import MixSpec
 from schemas.constitution import CAI_SAMPLES_SCHEMA, Constitution, Principle
 from schemas.hashing import content_hash
 from schemas.preference import (
@@ -37,66 +38,11 @@ from schemas.preference import (
     Reason,
     content_id,
     normalise_prompt_text,
-    prompt_hash,
 )
+from tasks.cai.prompts import CAIPrompt, cai_prompts
 from tasks.training.generation import Generator, GenOutput
 
 ECHO_WORDS = 8  # a revision holding any 8-word run of a request (or all of a shorter one) echoes it
-
-
-@dataclass(frozen=True)
-class CAIPrompt:
-    source: str
-    source_row: int
-    prompt: list[dict]  # message list ending with a user turn
-    prompt_hash: str
-
-
-# ---------------------------------------------------------------- prompts
-
-
-def held_out_prompt_hashes(dataset_dir: Path) -> set[str]:
-    """Prompt hashes of the human test split: CAI never trains on them."""
-    path = Path(dataset_dir) / "test.parquet"
-    return (
-        set(pq.read_table(path, columns=["prompt_hash"]).column("prompt_hash").to_pylist()) if path.exists() else set()
-    )
-
-
-def read_prompts(src, seed: int) -> list[CAIPrompt]:
-    """The prompts of one ``cai.prompts`` entry: a plain prompt file, or any data-plane source's rows."""
-    if isinstance(src, PromptFile):
-        from tasks.data.clean import read_eval_prompts
-
-        texts = read_eval_prompts([src.path])[: src.limit]
-        msgs = [[{"role": "user", "content": t}] for t in texts]
-        return [CAIPrompt(src.name, i, m, prompt_hash(m)) for i, m in enumerate(msgs)]
-    from tasks.data.sources import read_source
-
-    rows = read_source(src, seed=seed).accepted.select(["source", "source_row", "prompt", "prompt_hash"])
-    return [CAIPrompt(r["source"], r["source_row"], r["prompt"], r["prompt_hash"]) for r in rows.to_pylist()]
-
-
-def select_prompts(candidates: list[CAIPrompt], exclude: set[str], limit: int | None) -> tuple[list[CAIPrompt], dict]:
-    """First occurrence of each prompt hash, minus the excluded (test) ones, up to ``limit``."""
-    seen: set[str] = set()
-    kept, dupes, in_test = [], 0, 0
-    for p in candidates:
-        if p.prompt_hash in exclude:
-            in_test += 1
-        elif p.prompt_hash in seen:
-            dupes += 1
-        else:
-            seen.add(p.prompt_hash)
-            kept.append(p)
-    used = kept[:limit]
-    return used, {
-        "prompts_read": len(candidates),
-        "prompts_duplicate": dupes,
-        "prompts_in_test": in_test,
-        "prompts_over_limit": len(kept) - len(used),
-        "prompts_used": len(used),
-    }
 
 
 # ---------------------------------------------------------------- principles and conversations
@@ -371,10 +317,10 @@ def examples_markdown(samples: pa.Table, k: int = 3, width: int = 300) -> str:
     return "\n".join(lines)
 
 
-def prepare(cfg: CAIConfig, constitution: Constitution, dataset_dir: Path, seed: int):
+def prepare(recipe, constitution: Constitution, dataset_dir: Path):
     """Prompts (+ selection counts), one principle per prompt, and the few-shot turns."""
-    candidates = [p for src in cfg.prompts for p in read_prompts(src, seed)]
-    prompts, counts = select_prompts(candidates, held_out_prompt_hashes(dataset_dir), cfg.limit)
+    cfg = recipe.cai
+    prompts, counts = cai_prompts(recipe, dataset_dir)
     principles = sample_principles(constitution, len(prompts), cfg.sampling or constitution.sampling, cfg.seed)
     return prompts, principles, few_shot_turns(constitution, cfg.few_shot), counts
 
@@ -549,7 +495,7 @@ def run_cai(
         return _result(out_dir, done, reused=True)
 
     constitution = load_constitution(cfg.constitution)
-    prompts, principles, few_shot, counts = prepare(cfg, constitution, dataset_dir, recipe.data.seed)
+    prompts, principles, few_shot, counts = prepare(recipe, constitution, dataset_dir)
     if not prompts:
         raise ValueError(f"cai.prompts: no prompts left to critique ({counts}); name a prompt source in the recipe")
     params = {

@@ -24,7 +24,6 @@ import json
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +40,7 @@ from schemas.preference import (
     render_messages,
 )
 from tasks.data.decontaminate import Decontaminator, counts_per_source
+from tasks.data.decontaminate import read_eval_prompts as read_eval_prompts  # where evaluation code imports it
 
 SIDES = ("prompt", "chosen", "rejected")
 
@@ -268,22 +268,3 @@ def quarantine_from(table: pa.Table, bad: np.ndarray, reasons: np.ndarray, detai
         },
         schema=QUARANTINE_SCHEMA,
     )
-
-
-def read_eval_prompts(paths: Iterable[str | Path]) -> list[str]:
-    """Evaluation prompts to keep out of training: .txt (one per line) or .jsonl/.json with a `prompt` field."""
-    prompts: list[str] = []
-    for path in map(Path, paths):
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".txt":
-            prompts += [line for line in text.splitlines() if line.strip()]
-            continue
-        records = (
-            json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
-        )
-        for k, rec in enumerate(records):
-            p = rec.get("prompt") if isinstance(rec, dict) else None
-            if not isinstance(p, str):
-                raise ValueError(f"{path} row {k}: decontamination file rows need a string `prompt`")
-            prompts.append(p)
-    return prompts

@@ -27,7 +27,8 @@ from prefect.cache_policies import NO_CACHE
 from schemas.hashing import content_hash
 from schemas.preference import PREFERENCE_SCHEMA, QUARANTINE_SCHEMA, SCHEMA_VERSION
 from schemas.recipe import Recipe
-from tasks.data.clean import clean_rows, read_eval_prompts
+from tasks.data.clean import clean_rows
+from tasks.data.decontaminate import evaluation_decontaminator, evaluation_prompt_files
 from tasks.data.preload import import_in_background
 from tasks.data.sources.readers import file_sha256
 from tasks.data.split import SPLITS, split_rows
@@ -50,7 +51,7 @@ def compute_dataset_version(recipe: Recipe, inputs: list[dict]) -> str:
         # Where files live is not part of the version (their sha256 is): same data, same version anywhere.
         "sources": [s.model_dump(mode="json", exclude={"path"}) for s in recipe.sources],
         "data": recipe.data.model_dump(mode="json", exclude={"output_dir", "decontaminate", "contract"}),
-        "decontaminate": [file_sha256(Path(p)) for p in recipe.data.decontaminate],
+        "decontaminate": [file_sha256(Path(p)) for p in evaluation_prompt_files(recipe)],  # incl. evaluate's
         "contract": file_sha256(Path(recipe.data.contract)),
         "inputs": [i["sha256"] for i in inputs],
     }
@@ -130,7 +131,7 @@ def build_dataset(recipe: Recipe, output_dir: Path | None = None, tokenizer=None
         tokenizer = AutoTokenizer.from_pretrained(
             recipe.data.lengths.tokenizer, trust_remote_code=recipe.model.trust_remote_code
         )
-    cleaned = clean_rows(rows, recipe.data, read_eval_prompts(recipe.data.decontaminate), tokenizer)
+    cleaned = clean_rows(rows, recipe.data, evaluation_decontaminator(recipe), tokenizer)
     splits = split_rows(cleaned.accepted, recipe.data.test_fraction, recipe.data.validation_fraction, recipe.data.seed)
     quarantine = pa.concat_tables([r.quarantine for r in results] + [cleaned.quarantine]).cast(QUARANTINE_SCHEMA)
     quarantine = quarantine.sort_by([("source", "ascending"), ("source_row", "ascending")])

@@ -12,13 +12,19 @@ evaluation prompt would otherwise pass) matches an evaluation prompt, both norma
 
 :meth:`Decontaminator.match` returns one verdict per row (kind + a detail naming the turn and, for
 n-grams, the evaluation prompt), so callers quarantine and count by kind per source.
+
+The list is every prompt an evaluation reads (:func:`evaluation_prompt_files`): the ``data.decontaminate``
+files and the evaluate section's prompt files (``safety_prompts``, ``benign_prompts``, ...); the data plane and
+the CAI stage both keep them out (the test and validation splits are kept out by the split itself).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -121,3 +127,36 @@ def counts_per_source(sources: pa.ChunkedArray | pa.Array, verdicts: Verdicts, m
             "not_last_turn": int((hit & verdicts.not_last_turn).sum()),
         }
     return out
+
+
+def evaluation_prompt_files(recipe) -> list[str]:
+    """Every file of prompts an evaluation reads, none of which may reach training: ``data.decontaminate`` and
+    the evaluate section's ``*_prompts`` files (red-team and benign prompts), each once."""
+    named = [value for key, value in recipe.evaluate if key.endswith("_prompts") and isinstance(value, str)]
+    return list(dict.fromkeys([*recipe.data.decontaminate, *filter(None, named)]))
+
+
+def evaluation_decontaminator(recipe) -> Decontaminator:
+    """The recipe's decontamination: its evaluation prompts, matched as ``data.decontaminate_ngram`` says."""
+    return Decontaminator.from_prompts(
+        read_eval_prompts(evaluation_prompt_files(recipe)), recipe.data.decontaminate_ngram
+    )
+
+
+def read_eval_prompts(paths: Iterable[str | Path]) -> list[str]:
+    """Evaluation prompts to keep out of training: .txt (one per line) or .jsonl/.json with a `prompt` field."""
+    prompts: list[str] = []
+    for path in map(Path, paths):
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".txt":
+            prompts += [line for line in text.splitlines() if line.strip()]
+            continue
+        records = (
+            json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
+        for k, rec in enumerate(records):
+            p = rec.get("prompt") if isinstance(rec, dict) else None
+            if not isinstance(p, str):
+                raise ValueError(f"{path} row {k}: decontamination file rows need a string `prompt`")
+            prompts.append(p)
+    return prompts
