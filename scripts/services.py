@@ -209,7 +209,7 @@ class Services:
         names = [n for n, f in DEPLOYMENTS.items() if (ROOT / f).is_file()]
         missing = sorted({f for n, f in DEPLOYMENTS.items() if n not in names})
         stamp_file = self.state / "deployed.json"
-        stamp = _digest([ROOT / "prefect.yaml", *(ROOT / DEPLOYMENTS[n] for n in names)])
+        stamp = _files_hash([ROOT / "prefect.yaml", *(ROOT / DEPLOYMENTS[n] for n in names)])
         if (
             not force
             and stamp_file.is_file()
@@ -361,7 +361,7 @@ def _require_free(port: int, what: str, var: str) -> None:
             )
 
 
-def _digest(paths: list[Path]) -> str:
+def _files_hash(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
         h.update(p.read_bytes())

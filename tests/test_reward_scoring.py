@@ -42,7 +42,7 @@ def test_reward_scorer_over_length_conversation_keeps_cls_and_is_counted(minilm,
     scorer = RewardScorer(model, tokenizer)
     full = tokenizer.apply_chat_template(long_conversation, tokenize=True, return_dict=True)["input_ids"]
     assert len(full) > 512 and full[0] == tokenizer.cls_token_id
-    fitted = scorer.encode(long_conversation)
+    fitted = scorer.encode_conversation(long_conversation)
     assert len(fitted) == 512 and fitted[0] == tokenizer.cls_token_id and fitted[1:] == full[-511:]
     assert scorer.cut == 1
 

@@ -53,7 +53,7 @@ def dpo_preference_metrics(policy, ref, tokenizer, rows: list[dict], beta: float
 
 
 def dpo_heldout_metrics(recipe):
-    def heldout(model_dir: Path, base: str, dataset_dir: Path) -> dict:
+    def dpo_heldout(model_dir: Path, base: str, dataset_dir: Path) -> dict:
         from tasks.training.models import load_causal_lm, load_tokenizer
 
         dtype, device = stage_dtype(recipe), inference_device()
@@ -75,7 +75,7 @@ def dpo_heldout_metrics(recipe):
             "heldout_pairs": len(rows),
         }
 
-    return heldout
+    return dpo_heldout
 
 
 def train_dpo(

@@ -68,7 +68,8 @@ class RewardScorer:
         model = model.to(device or inference_device()).eval()
         return cls(model, tokenizer, batch_size)
 
-    def encode(self, conversation: list[dict]) -> list[int]:
+    def encode_conversation(self, conversation: list[dict]) -> list[int]:
+        """Token ids as the model was trained on them, cut to fit (the middle goes, position 0 stays)."""
         ids = self.tokenizer.apply_chat_template(
             [{"role": m["role"], "content": m["content"]} for m in conversation], tokenize=True, return_dict=True
         )["input_ids"]
@@ -82,7 +83,7 @@ class RewardScorer:
 
         out: list[float] = []
         for i in range(0, len(conversations), self.batch_size):
-            ids = [self.encode(c) for c in conversations[i : i + self.batch_size]]
+            ids = [self.encode_conversation(c) for c in conversations[i : i + self.batch_size]]
             input_ids, attn = pad_right(ids, self.tokenizer.pad_token_id, model_device(self.model))
             with torch.inference_mode():
                 out.extend(self.model(input_ids=input_ids, attention_mask=attn).logits[:, 0].float().tolist())
@@ -113,14 +114,14 @@ def reward_heldout_metrics(recipe):
     """Validation-split pair metrics of the saved model (test is the evaluate stage's), in the stage's dtype on
     the training device."""
 
-    def heldout(model_dir: Path, base: str, dataset_dir: Path) -> dict:
+    def reward_heldout(model_dir: Path, base: str, dataset_dir: Path) -> dict:
         scorer = RewardScorer.load(
             model_dir, dtype=stage_dtype(recipe), trust_remote_code=recipe.model.trust_remote_code
         )
         metrics = pair_metrics(scorer, read_rows([Path(dataset_dir) / "validation.parquet"]))
         return {**metrics, "heldout_cut": scorer.cut}
 
-    return heldout
+    return reward_heldout
 
 
 def train_reward(
