@@ -6,10 +6,11 @@ Without --version the `candidate` alias is judged; without --recipe the gates it
 The decision (each gate, value, threshold, pass) goes to the version's tags, a JSON artifact of its run,
 and a Prefect markdown artifact. --rollback moves `champion` back to the previous champion.
 
-Loading the champion (each version is the stage's HF folder, model + tokenizer):
+Loading the champion (each version is an MLflow model with the stage's HF folder at artifacts/hf; README):
 
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(mlflow.artifacts.download_artifacts("models:/tiny-dpo@champion"))
+    path = mlflow.artifacts.download_artifacts("models:/tiny-dpo@champion/artifacts/hf")
+    model = AutoModelForCausalLM.from_pretrained(path)
 """
 
 from __future__ import annotations

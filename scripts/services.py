@@ -35,6 +35,7 @@ DEPLOYMENTS = {  # prefect.yaml deployment → entrypoint file; deployed when th
     "align/retrain": "flows/align.py",
     "ingest/tiny": "flows/ingest.py",
     "promote/manual": "flows/promote.py",
+    "score/file": "flows/score.py",
     "stage/gpu": "flows/stage.py",
 }
 

@@ -84,8 +84,8 @@ def test_load_champion_documented_one_liners_return_working_model(store, tiny_re
     registry.set_champion(MlflowClient(), "load-dpo", v)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # the documented one-liner (README, tasks/registry/versions.py): the version is the stage's HF folder
-    folder = mlflow.artifacts.download_artifacts("models:/load-dpo@champion")
+    # the documented one-liner (README, tasks/registry/versions.py): the stage's HF folder inside the MLflow model
+    folder = mlflow.artifacts.download_artifacts("models:/load-dpo@champion/artifacts/hf")
     model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     ids = tok.apply_chat_template(
         [{"role": "user", "content": "2 plus 2"}], add_generation_prompt=True, return_tensors="pt", return_dict=True

@@ -83,7 +83,7 @@ def test_tiny_recipe_end_to_end_learns_reloads_and_is_tracked(tiny_dataset, tmp_
     }.items():
         run_id = children[name].info.run_id
         assert plots <= {Path(a.path).name for a in client.list_artifacts(run_id, "plots")}
-        assert "model/config.json" in {a.path for a in client.list_artifacts(run_id, "model")}
+        assert "model/MLmodel" in {a.path for a in client.list_artifacts(run_id, "model")}
         assert children[name].inputs.dataset_inputs
     assert children["dpo"].data.metrics["final_reward_accuracy"] == dpo.metrics["final_reward_accuracy"]
 

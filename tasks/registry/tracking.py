@@ -217,10 +217,11 @@ def log_summary(metrics: dict) -> None:
 
 
 def log_model_folder(model_dir: Path, artifact_path: str = "model") -> None:
-    """The final HF folder as plain run artifacts (see benchmarks.train_overhead for why not log_model)."""
-    import mlflow
+    """The final HF folder as an MLflow model (a pyfunc that chats or scores, tasks/serving/pyfunc.py), the folder
+    itself at ``<artifact_path>/artifacts/hf``, uploaded once and never loaded."""
+    from tasks.serving.pyfunc import log_hf_model
 
-    mlflow.log_artifacts(str(model_dir), artifact_path=artifact_path)
+    log_hf_model(model_dir, artifact_path)
 
 
 # ---------------------------------------------------------------- a stage folder that outlives its store

@@ -8,8 +8,10 @@
   ``champion_history`` (JSON list of versions, oldest first) is the history a rollback walks back.
 - ``record_decision``: the promotion decision as version tags (``promotion.*``) and a JSON artifact.
 
-Loading what is registered (each version's source is the stage's HF folder, model + tokenizer):
-    AutoModelForCausalLM.from_pretrained(mlflow.artifacts.download_artifacts("models:/tiny-dpo@champion"))
+Loading what is registered (each version is an MLflow model, tasks/serving/pyfunc.py, with the stage's HF
+folder, model + tokenizer, at ``artifacts/hf``):
+    path = mlflow.artifacts.download_artifacts("models:/tiny-dpo@champion/artifacts/hf")
+    AutoModelForCausalLM.from_pretrained(path)
 
 Aliases, not stages (deprecated in MLflow 3). ``search_model_versions`` returns empty ``aliases`` in 3.17,
 so alias lookups go through ``get_model_version_by_alias``/``get_model_version``.
@@ -27,7 +29,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tasks.registry.tracking import git_sha, stage_run_here
+from tasks.registry.tracking import git_sha, log_model_folder, stage_run_here
 from tasks.runtime.retries import retry_on_transient_io
 
 log = logging.getLogger(__name__)
@@ -80,14 +82,16 @@ def versions_of_run(client: MlflowClient, name: str, run_id: str) -> list[int]:
 def model_source(client: MlflowClient, model_dir: Path, stage: str, run_id: str | None) -> tuple[str, str]:
     """The registry source of a stage's HF folder: ``runs:/<run>/model`` and that run's id.
 
-    tasks/training.py logs each stage's final folder as plain run artifacts under ``model/`` (the HF folder
-    itself, no MLflow flavour: see tasks/tracking.log_model_folder); that is what gets registered. A result
-    without such a run (a stage run outside MLflow) has its folder logged the same way, in a run of its own.
+    Each stage logs its final folder as an MLflow model under ``model/`` (tracking.log_model_folder: a pyfunc,
+    the HF folder at ``model/artifacts/hf``); that is what gets registered (runs from before that hold the plain
+    folder, ``model/config.json``, and register as they are). A result without such a run (a stage run outside
+    MLflow) has its folder logged the same way, in a run of its own.
     """
-    if run_id and any(f.path == "model/config.json" for f in client.list_artifacts(run_id, "model")):
+    logged = {"model/MLmodel", "model/config.json"}
+    if run_id and any(f.path in logged for f in client.list_artifacts(run_id, "model")):
         return f"runs:/{run_id}/model", run_id
     with mlflow.start_run(run_name=f"register-{stage}", nested=mlflow.active_run() is not None) as run:
-        mlflow.log_artifacts(str(model_dir), artifact_path="model")
+        log_model_folder(model_dir)
     return f"runs:/{run.info.run_id}/model", run.info.run_id
 
 
