@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from schemas.data_config import Strict
 
@@ -22,6 +22,9 @@ class EvaluateConfig(Strict):
     tie_epsilon: float = Field(1e-6, ge=0, description="|RM(policy) - RM(sft)| at or below this is a tie")
     sample_rows: int = Field(16, ge=0, description="generations logged as an MLflow table artifact")
     safety_prompts: str | None = Field(None, description="file of red-team prompts (.txt or .jsonl `prompt`)")
+    benign_prompts: str | None = Field(
+        None, description="file of clearly benign requests (.txt or .jsonl `prompt`): the over-refusal rate"
+    )
 
 
 GateOp = Literal[">=", "<="]
@@ -38,13 +41,27 @@ class Gate(Strict):
 class ChampionGate(Strict):
     """A relative gate: the candidate is not worse than the current champion on the same evaluation data.
 
+    With ``tolerance`` (the champion's own value of ``metric`` is the reference):
     ``op: ">="`` (higher is better): candidate >= champion - tolerance;
-    ``op: "<="`` (lower is better):  candidate <= champion + tolerance. Passes when there is no champion.
+    ``op: "<="`` (lower is better):  candidate <= champion + tolerance.
+    With ``threshold``: ``metric`` is itself a candidate-vs-champion measure (``win_rate_vs_champion_ci_high``),
+    compared with the threshold, and it must have been measured against the current champion.
+    Either form passes when there is no champion.
     """
 
     metric: str
     op: GateOp = ">="
     tolerance: float = Field(0.0, ge=0)
+    threshold: float | None = None
+
+    @model_validator(mode="after")
+    def check_tolerance_or_threshold(self):
+        if self.threshold is not None and self.tolerance:
+            raise ValueError(
+                f"champion gate on {self.metric!r}: give `tolerance` (relative to the champion's value) or "
+                "`threshold` (for a candidate-vs-champion metric), not both"
+            )
+        return self
 
 
 class PromoteConfig(Strict):

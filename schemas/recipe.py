@@ -120,6 +120,8 @@ def resolve_paths(recipe: Recipe, recipe_path: Path) -> Recipe:
     recipe.cai.constitution = find_file(recipe.cai.constitution, recipe_path)
     if recipe.evaluate.safety_prompts:
         recipe.evaluate.safety_prompts = find_file(recipe.evaluate.safety_prompts, recipe_path)
+    if recipe.evaluate.benign_prompts:
+        recipe.evaluate.benign_prompts = find_file(recipe.evaluate.benign_prompts, recipe_path)
     return recipe
 
 

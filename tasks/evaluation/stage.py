@@ -12,6 +12,10 @@ Metrics (keys as logged to MLflow and tagged on registered versions; definitions
 - ``rm_cut``: conversations longer than the reward model's positions, scored with their middle cut;
 - ``safety_*``: red-team prompts (``evaluate.safety_prompts``): RM score and refusal rate of policy vs SFT;
   ``champion.safety_*``: the current champion on the same prompts and RM (for the promotion gates);
+- ``benign_refusal_rate`` / ``benign_sft_refusal_rate`` / ``champion.benign_refusal_rate``: over-refusal, the
+  refusal rate on clearly benign requests (``evaluate.benign_prompts``);
+- ``win_rate_vs_champion`` (+ ``_ci_low``/``_ci_high``, ``wins``/``ties``/``losses_vs_champion``): the policy vs
+  the current champion (``champion.version``) on the held-out prompts, judged by this run's reward model;
 - ``contract_success``: 1.0 when the dataset's contract had no critical breach (from its manifest).
 
 Every tensor follows the model's device (tasks/training/logprobs.py): the generators load on the GPU when
@@ -68,13 +72,13 @@ def test_prompts(rows: list[dict], limit: int) -> list[list[dict]]:
     return out[:limit]
 
 
-def read_safety_prompts(path: str | None) -> list[list[dict]]:
-    """Red-team prompts (.txt one per line, or .jsonl/.json with a ``prompt`` field) as user turns.
-    The recipe loader made the path absolute; a missing file fails naming it."""
+def read_safety_prompts(path: str | None, key: str = "evaluate.safety_prompts") -> list[list[dict]]:
+    """Evaluation prompts (.txt one per line, or .jsonl/.json with a ``prompt`` field) as user turns.
+    The recipe loader made the path absolute; a missing file fails naming it and its recipe key."""
     if not path:
         return []
     if not Path(path).is_file():
-        raise FileNotFoundError(f"evaluate.safety_prompts: {path}: no such file")
+        raise FileNotFoundError(f"{key}: {path}: no such file")
     return [[{"role": "user", "content": t}] for t in read_eval_prompts([path])]
 
 
@@ -187,23 +191,47 @@ def other_champion(recipe, policy_run_id: str | None) -> int | None:
     return version
 
 
-def champion_safety(recipe, version: int | None, prompts: list[list[dict]], rm, settings) -> dict[str, float]:
-    """The champion (``version`` of ``<recipe>-<promote.model>``) on the same red-team prompts and RM."""
+def champion_metrics(
+    recipe, version: int | None, rm, settings, prompts: dict[str, list[list[dict]]], policy_answers: list[str]
+) -> dict[str, float]:
+    """The current champion (``version`` of ``<recipe>-<promote.model>``) inside the candidate's evaluation, loaded
+    once: its refusals on the red-team and benign prompts, and the candidate's win rate against it on the held-out
+    prompts (``prompts``: {"safety", "benign", "heldout"}; ``policy_answers``: the candidate's held-out answers)."""
     from tasks.registry.versions import registered_name
     from tasks.serving.pyfunc import download_hf_model
     from tasks.training.generation import load_generator
 
-    if version is None or not prompts:
+    if version is None:
         return {}
     name = registered_name(recipe.name, recipe.promote.model)
     folder = download_hf_model(f"models:/{name}/{version}")  # the HF folder inside the MLflow model
-    metrics, _ = safety_metrics(
-        prompts,
-        load_generator(folder, settings, progress=False, trust_remote_code=recipe.model.trust_remote_code),
-        rm,
-        prefix=CHAMPION_PREFIX + "safety_",
-    )
-    return {**metrics, CHAMPION_PREFIX + "version": float(version)}
+    champion = load_generator(folder, settings, progress=False, trust_remote_code=recipe.model.trust_remote_code)
+    out = {CHAMPION_PREFIX + "version": float(version)}
+    if prompts["safety"]:
+        out.update(safety_metrics(prompts["safety"], champion, rm, prefix=CHAMPION_PREFIX + "safety_")[0])
+    out.update(refusal_metrics(prompts["benign"], champion, CHAMPION_PREFIX + "benign_"))
+    out.update(win_rate_vs_champion(prompts["heldout"], policy_answers, champion, rm, recipe.evaluate))
+    return out
+
+
+def refusal_metrics(prompts: list[list[dict]], gen, prefix: str) -> dict[str, float]:
+    """Over-refusal: the share of clearly benign requests (``evaluate.benign_prompts``) one model refuses."""
+    if not prompts:
+        return {}
+    return {f"{prefix}refusal_rate": eval_stats.refusal_rate([o.text for o in gen(prompts)])}
+
+
+def win_rate_vs_champion(prompts: list[list[dict]], policy_answers: list[str], champion_gen, rm, cfg) -> dict:
+    """The policy's RM-judged win rate (ties half, bootstrap CI) against the champion's answers to the same prompts."""
+    champion_answers = [o.text for o in champion_gen(prompts)]
+    ours, theirs = rm(with_answers(prompts, policy_answers)), rm(with_answers(prompts, champion_answers))
+    outcomes = eval_stats.win_outcomes(ours, theirs, cfg.tie_epsilon)
+    summary = eval_stats.win_rate_summary(outcomes, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+    return {
+        k.replace("win_rate", "win_rate_vs_champion") if k.startswith("win_rate") else f"{k}_vs_champion": v
+        for k, v in summary.items()
+        if k != "n_prompts"
+    }
 
 
 def run_evaluation(recipe, dataset_dir: Path, sft, reward, dpo, champion: int | None = None) -> dict:
@@ -235,7 +263,6 @@ def run_evaluation(recipe, dataset_dir: Path, sft, reward, dpo, champion: int | 
         pol_safety, pol_answers = safety_metrics(red_team, policy, rm)
         sft_safety, sft_answers = safety_metrics(red_team, ref, rm, prefix="safety_sft_")
         metrics.update(pol_safety | sft_safety | {"safety_n": float(len(red_team))})
-        metrics.update(champion_safety(recipe, champion, red_team, rm, settings))
         safety_rows = [
             {
                 "prompt": p[-1]["content"],
@@ -248,6 +275,10 @@ def run_evaluation(recipe, dataset_dir: Path, sft, reward, dpo, champion: int | 
         ]
     h2h, samples = head_to_head(prompts, policy, ref, rm, cfg)
     metrics.update(h2h)
+    benign = read_safety_prompts(cfg.benign_prompts, "evaluate.benign_prompts")
+    metrics.update(refusal_metrics(benign, policy, "benign_") | refusal_metrics(benign, ref, "benign_sft_"))
+    held_out = {"safety": red_team, "benign": benign, "heldout": prompts}
+    metrics.update(champion_metrics(recipe, champion, rm, settings, held_out, [r["policy"] for r in samples]))
     metrics.update(heldout_preference_metrics(recipe, rows, rm, policy, ref, str(dataset_dir / "test.parquet")))
     metrics["rm_cut"] = float(rm.cut)  # conversations longer than the reward model's positions (middle cut)
     with tracking.stage_run("evaluate", recipe, dataset_dir, params=cfg.model_dump(mode="json")):

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from schemas.eval_config import PromoteConfig
 
 CONTRACT_METRIC = "contract_success"  # 1.0 when the dataset had no critical contract breach
+HEAD_TO_HEAD_PREFIX = "champion."  # tasks/evaluation/stage.py: the champion measured in the candidate's evaluation
 ROLLED_BACK_METRIC = "rolled_back"  # 1.0 when the version was champion once and was rolled back (registry state)
 
 
@@ -109,10 +110,13 @@ def rollback_gate(candidate: dict[str, float]) -> GateResult:
 
 
 def champion_gate(name: str, gate, candidate: dict[str, float], champion: dict[str, float] | None) -> GateResult:
-    """Candidate not worse than the champion on ``gate.metric``, within ``gate.tolerance``."""
+    """Candidate not worse than the champion on ``gate.metric``: within ``gate.tolerance`` of the champion's
+    value, or, for a candidate-vs-champion metric, at ``gate.threshold``."""
     value = candidate.get(gate.metric)
     if champion is None:
         return GateResult(name, gate.metric, value, gate.op, None, True, "no champion yet")
+    if gate.threshold is not None:
+        return head_to_head_gate(name, gate, value, candidate, champion)
     ref = champion.get(gate.metric)
     if ref is None or value is None:
         missing = "champion" if ref is None else "candidate"
@@ -120,6 +124,20 @@ def champion_gate(name: str, gate, candidate: dict[str, float], champion: dict[s
     threshold = ref - gate.tolerance if gate.op == ">=" else ref + gate.tolerance
     note = f"champion {ref:.4g}, tolerance {gate.tolerance:g}"
     return GateResult(name, gate.metric, value, gate.op, threshold, _compare(value, gate.op, threshold), note)
+
+
+def head_to_head_gate(name: str, gate, value: float | None, candidate: dict, champion: dict) -> GateResult:
+    """A candidate-vs-champion metric (both answered the same prompts in the candidate's evaluation) against an
+    absolute threshold. It counts only if measured against the champion now sitting: ``champion["version"]``
+    exists only when the champion's numbers come from the candidate's own evaluation (``champion_reference``)."""
+    measured = candidate.get(HEAD_TO_HEAD_PREFIX + "version")
+    if champion.get("version") is None or measured != champion["version"]:
+        against = f"v{measured:g}" if measured is not None else "no champion"
+        note = f"measured against {against}, not the current champion: evaluate again (run align)"
+        return GateResult(name, gate.metric, value, gate.op, gate.threshold, False, note)
+    passed = _compare(value, gate.op, gate.threshold)
+    note = f"vs champion v{champion['version']:g}" if value is not None else "metric missing from the evaluation"
+    return GateResult(name, gate.metric, value, gate.op, gate.threshold, passed, note)
 
 
 def evaluate_gates(
@@ -166,9 +184,6 @@ def decide(
     return Decision(
         model, version, passed, gates, champion_version, champion_source, "promote" if passed else "reject"
     )
-
-
-HEAD_TO_HEAD_PREFIX = "champion."  # tasks/evaluate.py: the champion measured in the candidate's evaluation
 
 
 def champion_reference(
