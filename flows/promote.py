@@ -4,7 +4,9 @@
 
 Without --version the `candidate` alias is judged; without --recipe the gates it was registered with.
 The decision (each gate, value, threshold, pass) goes to the version's tags, a JSON artifact of its run,
-and a Prefect markdown artifact. --rollback moves `champion` back to the previous champion.
+and a Prefect markdown artifact. --rollback moves `champion` back to the previous champion and marks the
+version it leaves (`promotion.rolled_back_at`): it loses `candidate` and the gates refuse it from then on, so a
+re-run that reuses its stages cannot promote it again.
 
 Loading the champion (each version is an MLflow model with the stage's HF folder at artifacts/hf; README):
 
@@ -56,7 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.promote", description=promote.__doc__)
     parser.add_argument("--model", required=True, help="registered model, e.g. tiny-dpo")
     parser.add_argument("--version", type=int, default=None, help="default: the `candidate` alias")
-    parser.add_argument("--rollback", action="store_true", help="move champion back to the previous champion")
+    parser.add_argument(
+        "--rollback",
+        action="store_true",
+        help="move champion back to the previous champion; the version left is never promoted again",
+    )
     parser.add_argument("--recipe", default=None, help="gates from this recipe (default: the version's tag)")
     args = parser.parse_args(argv)
     try:
