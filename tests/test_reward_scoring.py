@@ -84,3 +84,26 @@ def test_reward_heldout_metrics_load_in_the_stage_dtype_and_report_cuts(
     metrics = reward_heldout_metrics(recipe)(folder, str(folder), tiny_dataset)
     assert loaded == [torch.bfloat16]
     assert metrics["heldout_cut"] == 0 and 0.0 <= metrics["final_accuracy"] <= 1.0 and metrics["heldout_pairs"] > 0
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_reward_scorer_inputs_are_built_on_the_models_device(tmp_path, long_conversation):
+    """The reward model on the meta device (no GPU here): its batch must be built there, not on the CPU."""
+    from registry_helpers import build_tiny_models
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = build_tiny_models(tmp_path)["reward"]
+    model = AutoModelForSequenceClassification.from_pretrained(folder).to("meta")
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.extend((k, v.device.type) for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+        raise _Stop
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    with pytest.raises(_Stop):
+        RewardScorer(model, AutoTokenizer.from_pretrained(folder))([long_conversation[-2:]])
+    assert dict(seen) == {"input_ids": "meta", "attention_mask": "meta"}
