@@ -16,7 +16,8 @@ from prefect.runtime import flow_run
 
 from flows.ingest import ingest
 from flows.promote import promote
-from schemas.recipe import RecipeError, load_recipe
+from schemas.recipe import load_recipe
+from tasks.data.sources.core import check_sources
 from tasks.evaluation.stage import evaluate_stage
 from tasks.registry.tracking import start_pipeline_run
 from tasks.registry.versions import register_stage_task, registered_name
@@ -104,11 +105,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default=None, help="dataset root (default: the recipe's data.output_dir)")
     parser.add_argument("--runs", default=None, help="stage output root (default: runs/ or $ALIGN_RUNS_DIR)")
     args = parser.parse_args(argv)
-    try:  # validate before Prefect starts: a bad recipe or stage list fails in one line, in a second
-        check_stages(load_recipe(args.recipe), parse_stages(args.stages))
-        align(recipe=args.recipe, stages=args.stages, output=args.output, runs=args.runs)  # prints the table
-    except (StageConfigError, RecipeError) as e:
-        raise SystemExit(f"error: {e}") from None
+    from scripts.cli import run_command  # the command layer: checks, Prefect mode, one-line errors
+
+    def check() -> None:  # a bad recipe, stage list or source fails in one line, in a second, before Prefect starts
+        r = load_recipe(args.recipe)
+        check_stages(r, parse_stages(args.stages))
+        check_sources(r.sources)
+
+    run_command(check, lambda: align(recipe=args.recipe, stages=args.stages, output=args.output, runs=args.runs))
 
 
 if __name__ == "__main__":

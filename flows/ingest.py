@@ -11,6 +11,7 @@ from prefect import flow
 
 from schemas.recipe import load_recipe
 from tasks.data.dataset import build_dataset_task, publish_dataset_report
+from tasks.data.sources.core import check_sources
 
 
 @flow(name="ingest", log_prints=True)
@@ -27,7 +28,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", default="recipes/tiny.yaml")
     parser.add_argument("--output", default=None, help="dataset root (default: the recipe's data.output_dir)")
     args = parser.parse_args(argv)
-    print(ingest(recipe=args.recipe, output=args.output))
+    from scripts.cli import run_command  # the command layer: checks, Prefect mode, one-line errors
+
+    run_command(
+        lambda: check_sources(load_recipe(args.recipe).sources),  # before Prefect starts: fails in a second
+        lambda: print(ingest(recipe=args.recipe, output=args.output)),
+    )
 
 
 if __name__ == "__main__":

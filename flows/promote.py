@@ -65,11 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--recipe", default=None, help="gates from this recipe (default: the version's tag)")
     args = parser.parse_args(argv)
-    try:
+    from scripts.cli import run_command  # the command layer: checks, Prefect mode, one-line errors
+
+    def work() -> None:
         record = promote(model=args.model, version=args.version, rollback=args.rollback, recipe=args.recipe)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(json.dumps({k: v for k, v in record.items() if k != "markdown"}, indent=1, default=str))
+        print(json.dumps({k: v for k, v in record.items() if k != "markdown"}, indent=1, default=str))
+
+    run_command(lambda: args.recipe and load_recipe(args.recipe), work)  # a bad recipe: before Prefect starts
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from scripts.cli import run_command
 from scripts.services import Services
 
 
@@ -22,6 +23,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     svc = Services()
     os.environ.update(svc.env())  # before any prefect import: never ~/.prefect, always our server
+    run_command(lambda: _check_demo_recipe(args), lambda: _run_service_command(svc, args), prefect=False)
+
+
+def _check_demo_recipe(args) -> None:
+    """The demo's recipe and sources, before any service starts: a bad key or a missing file fails in a second."""
+    if args.command == "demo":
+        from schemas.recipe import load_recipe
+        from tasks.data.sources.core import check_sources
+
+        check_sources(load_recipe(args.recipe).sources)
+
+
+def _run_service_command(svc: Services, args) -> None:
     if args.command == "up":
         svc.up()
     elif args.command == "deploy":

@@ -100,6 +100,14 @@ def read_source(
     return SourceResult(cfg.name, accepted, quarantine, rows_read, info)
 
 
+def check_sources(sources: list[SourceConfig], base_dir: Path | None = None) -> None:
+    """Fail before any work on what no read would survive: an unknown format, a local file that is not there."""
+    for cfg in sources:
+        get_adapter(cfg.format)
+        if cfg.hub is None:
+            resolve_path(cfg.path, cfg.name, base_dir)
+
+
 # Files above this size are parsed by one process per core (each part's rows are independent: adapters
 # seed per row, ids are content hashes), like `datasets.map(num_proc=...)` but keeping row order.
 PARALLEL_MIN_BYTES = 8 << 20

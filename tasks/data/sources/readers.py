@@ -7,7 +7,8 @@ Every reader yields ``(source_row, record, raw_text, error)``:
 - ``raw_text``: the line's text as read, line ending included (JSON Lines); the source text of a bad
   element (JSON array); else ``None`` (columnar sources: serialise ``record`` when it is needed).
 - ``error``: ``None``, or ``(Reason, detail)`` naming ``file:line`` and what was wrong. Only decode
-  errors are row errors here; an unreadable *file* (missing, unknown type, broken JSON array) raises.
+  errors are row errors here; an unreadable *file* (missing, unknown type, broken JSON array, truncated or
+  corrupt compression, broken Parquet) raises ``SourceError`` naming the file and how far it was read.
   A "\\ud800"-style escape decodes to a lone surrogate that no UTF-8 writer accepts; ``read_source``
   quarantines such rows (INVALID_UTF8) when it hashes them, so clean rows pay nothing for the check.
 """
@@ -18,6 +19,7 @@ import gzip
 import hashlib
 import io
 import json
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
@@ -32,7 +34,12 @@ SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
 
 class SourceError(ValueError):
-    """A source that cannot be read as a whole; the message names the file (or source) and what is wrong."""
+    """A source that cannot be read as a whole; the message names the file (or source) and what is wrong.
+    Commands print it as one line (``error: <message>``); nothing of the dataset is written."""
+
+
+class SourceFileNotFound(SourceError, FileNotFoundError):
+    """A source's file is not where the recipe says."""
 
 
 def resolve_path(path: str | Path, source: str, base_dir: Path | None = None) -> Path:
@@ -46,7 +53,7 @@ def resolve_path(path: str | Path, source: str, base_dir: Path | None = None) ->
         if in_base.is_file():
             return in_base
         tried.append(str(in_base.absolute()))
-    raise FileNotFoundError(f"source {source!r}: file not found: {str(path)!r} (looked at {', '.join(tried)})")
+    raise SourceFileNotFound(f"source {source!r}: file not found: {str(path)!r} (looked at {', '.join(tried)})")
 
 
 def file_sha256(path: Path) -> str:
@@ -59,8 +66,7 @@ def read_records(path: str | Path) -> Iterator[RawRow]:
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".jsonl.gz"):
-        with gzip.open(path, "rb") as f:
-            yield from _json_lines(f, path.name)
+        yield from _json_lines_gzip(path)
     elif name.endswith(".jsonl"):
         with open(path, "rb") as f:
             yield from _json_lines(f, path.name)
@@ -69,7 +75,7 @@ def read_records(path: str | Path) -> Iterator[RawRow]:
     elif name.endswith(".parquet"):
         yield from _parquet(path)
     else:
-        raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
+        raise SourceError(f"{path}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
 
 
 def json_lines_range(path: Path, start: int, end: int) -> Iterator[RawRow]:
@@ -157,6 +163,23 @@ def _json_lines(f: Iterable[bytes], label: str, first_line: int = 0) -> Iterator
             )
 
 
+def _json_lines_gzip(path: Path) -> Iterator[RawRow]:
+    """JSON Lines through gzip; a truncated or corrupt stream (``EOFError``, ``BadGzipFile``, ``zlib.error``
+    deep in the decompressor, naming no file) fails the whole source, saying how far it was read."""
+    lines = 0
+    with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
+        try:
+            for row in _json_lines(f, path.name):
+                lines = row[0] + 1
+                yield row
+        except (EOFError, OSError, zlib.error) as e:
+            size = path.stat().st_size
+            raise SourceError(
+                f"{path}: truncated or corrupt gzip file ({e}); read {lines:,} lines, {f.tell():,} bytes "
+                f"uncompressed from {raw.tell():,} of {size:,} compressed bytes: re-create or re-download it"
+            ) from None
+
+
 def _json_file(path: Path) -> Iterator[RawRow]:
     """A JSON array of objects, one JSON object, or (despite the suffix) JSON Lines."""
     data = path.read_bytes()
@@ -175,9 +198,9 @@ def _json_file(path: Path) -> Iterator[RawRow]:
     try:
         rows = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 at byte {e.start} ({e.reason})") from None
+        raise SourceError(f"{path}: not valid UTF-8 at byte {e.start} ({e.reason})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON array at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise SourceError(f"{path}: invalid JSON array at line {e.lineno} column {e.colno}: {e.msg}") from None
     for i, record in enumerate(rows):
         if type(record) is dict:
             yield i, record, None, None
@@ -191,14 +214,18 @@ def _json_file(path: Path) -> Iterator[RawRow]:
 
 
 def _parquet(path: Path, batch_size: int = 8192) -> Iterator[RawRow]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     row = 0
-    with pq.ParquetFile(path) as f:
-        for batch in f.iter_batches(batch_size=batch_size):
-            for record in batch.to_pylist():
-                yield row, record, None, None
-                row += 1
+    try:
+        with pq.ParquetFile(path) as f:
+            for batch in f.iter_batches(batch_size=batch_size):
+                for record in batch.to_pylist():
+                    yield row, record, None, None
+                    row += 1
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"{path}: not a readable Parquet file ({e}); read {row:,} rows before that") from None
 
 
 def load_hub(hub: HubSource):
