@@ -1,7 +1,8 @@
 """Preference-optimisation stage: TRL DPOTrainer (reference = the SFT/base model, or the adapter-disabled
 base under LoRA), or ORPO / SimPO (trl.experimental) selected by ``dpo.method``.
 
-Held-out metrics are computed the same way for every method, against the stage's base model as reference,
+Held-out metrics (on the validation split; test is the evaluate stage's) are computed the same way for every
+method, against the stage's base model as reference,
 in the stage's dtype on the training device: implicit reward r = beta * (log pi(y|x) - log ref(y|x)) from the
 one log-prob helper (tasks/training/logprobs.py); accuracy is the one ``preference_accuracy`` (a tie counts
 half, so the untrained policy, pi == ref, scores exactly 0.5 at step 0). KL is not reported here: its one
@@ -62,10 +63,10 @@ def dpo_heldout_metrics(recipe):
         policy = load_causal_lm(model_dir, dtype=dtype, trust_remote_code=remote).to(device).eval()
         ref = load_causal_lm(base, dtype=dtype, tokenizer=tokenizer, trust_remote_code=remote).to(device).eval()
         beta = dpo_beta(recipe)
-        test = Path(dataset_dir) / "validation.parquet"
-        rows = read_rows([test])
-        start = dpo_preference_metrics(ref, ref, tokenizer, rows, beta, str(test))
-        end = dpo_preference_metrics(policy, ref, tokenizer, rows, beta, str(test))
+        split = Path(dataset_dir) / "validation.parquet"
+        rows = read_rows([split])
+        start = dpo_preference_metrics(ref, ref, tokenizer, rows, beta, str(split))
+        end = dpo_preference_metrics(policy, ref, tokenizer, rows, beta, str(split))
         return {
             "step0_reward_accuracy": start["reward_accuracy"],
             "final_reward_accuracy": end["reward_accuracy"],
