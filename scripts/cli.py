@@ -9,28 +9,37 @@
   "Finished in state Failed(...)") still reach the Prefect API and UI, but are held off the console while
   the command runs: dropped when it ends in a known fault (its one line says it), printed at the end
   otherwise (a bug, or a task that failed and was retried).
+- **One mode line**: a Prefect server named by ``PREFECT_API_URL``, else the local one that
+  ``python -m scripts up`` (``make up``) started when it runs (same state folder and port as
+  ``scripts.services``), else a temporary one for this command only.
+- **No telemetry**: the server's telemetry service (``PREFECT_SERVER_ANALYTICS_ENABLED``) is off; offline it
+  logged ``ERROR | prefect.server.services.telemetry - Failed to send telemetry`` on every run.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
+
+from scripts.services import Services, _healthy
 
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 FAILED_STATE = ("Finished in state Failed", "Finished in state Crashed")  # Prefect's report of a run's end
 
 
 def run_command(check: Callable[[], object], work: Callable[[], object], prefect: bool = True) -> None:
-    """``check()`` (validation only, before Prefect starts), then ``work()`` (with ``prefect``: run loggers'
-    errors held). A known fault of either ends the process with one ``error:`` line and exit status 1."""
+    """``check()`` (validation only, before Prefect starts), then ``work()`` (with ``prefect``: under the
+    Prefect mode, run loggers' errors held). A known fault of either ends the process with one ``error:``
+    line and exit status 1."""
     try:
         check()
         if not prefect:
             work()
             return
-        with _held_run_errors() as held:
+        with prefect_mode(), _held_run_errors() as held:
             try:
                 work()
             except BaseException as e:
@@ -56,6 +65,26 @@ def one_line(e: BaseException) -> str:
     """The message on one line: its first line, then the other non-empty lines after ``: `` / ``; ``."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
     return lines[0] + (": " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+
+
+@contextmanager
+def prefect_mode():
+    """Point Prefect at the server this command should use, say which on stderr, and keep telemetry off."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+
+    updates: dict = {PREFECT_SERVER_ANALYTICS_ENABLED: False}
+    if os.environ.get("PREFECT_API_URL"):
+        line = f"prefect: the server at {os.environ['PREFECT_API_URL']} (PREFECT_API_URL)"
+    else:
+        svc = Services()
+        if svc.pid("prefect-server") and _healthy(f"{svc.api_url}/health"):
+            updates[PREFECT_API_URL] = svc.api_url
+            line = f"prefect: the local server {svc.ui_url} (started by `make up`; state {svc.state})"
+        else:
+            line = "prefect: no local server is running (`make up` starts one): a temporary server for this command"
+    print(line, file=sys.stderr, flush=True)
+    with temporary_settings(updates=updates):
+        yield
 
 
 class _HoldRunErrors(logging.Filter):

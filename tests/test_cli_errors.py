@@ -21,7 +21,7 @@ def command_env(tmp_path: Path) -> dict:
     """The environment of a user at a shell: no test-only Prefect settings, a state folder of its own
     (so no local server of a `make up` elsewhere is found)."""
     env = {**os.environ, "ALIGN_STATE": str(tmp_path / "state"), "PREFECT_HOME": str(tmp_path / "prefect")}
-    for key in ("PREFECT_API_URL", "PREFECT_LOGGING_LEVEL"):
+    for key in ("PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_API_URL", "PREFECT_LOGGING_LEVEL"):
         env.pop(key, None)
     return env
 
@@ -49,7 +49,7 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, *expected: str) -> 
     output = proc.stdout + proc.stderr
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 1, output
-    assert len(errors) == 1 and "Traceback" not in output, output
+    assert len(errors) == 1 and "Traceback" not in output and "| ERROR" not in output, output
     for text in expected:
         assert text in errors[0], errors[0]
     return errors[0]
