@@ -93,6 +93,8 @@ def test_score_conversations_jsonl_scores_each_shape_and_counts_bad_rows(registe
     assert [r["score"] for r in table] == pytest.approx(expected, abs=1e-6)
     assert result["summary"]["score_max"] == pytest.approx(max(expected))
     assert {s["source_row"] for s in result["summary"]["skipped_examples"]} == {3, 4}
+    with pytest.raises(ValueError, match="not a reward model"):
+        score.fn(model="models:/tiny-dpo@champion", input_file=str(path), output=str(tmp_path / "d.parquet"))
     with pytest.raises(ValueError, match="nothing to score"):
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps({"messages": prompt}) + "\n")

@@ -100,15 +100,26 @@ def test_pyfunc_policy_params_seeded_sampling_and_bad_rows(registered):
         chat.predict([{"messages": [{"role": "user"}]}])
 
 
-def test_download_hf_model_reads_versions_registered_as_plain_folders(registered, tmp_path):
+def test_versions_registered_as_plain_folders_still_load_chat_and_score(registered, tmp_path):
     """Versions registered before they were MLflow models (the HF folder itself at `model/`) still load."""
     client = mlflow.MlflowClient()
-    with mlflow.start_run() as run:
-        mlflow.log_artifacts(str(registered["models"]["dpo"]), artifact_path="model")
-    client.create_registered_model("legacy-dpo")
-    client.create_model_version("legacy-dpo", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    for stage in ("dpo", "reward"):
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(registered["models"][stage]), artifact_path="model")
+        client.create_registered_model(f"legacy-{stage}")
+        client.create_model_version(f"legacy-{stage}", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
     folder = Path(pyfunc.download_hf_model("models:/legacy-dpo/1", dst_path=str(tmp_path)))
     assert (folder / "config.json").is_file() and pyfunc.hf_folder(folder) == folder
+    chat, kind = pyfunc.load_registered("models:/legacy-dpo/1")
+    sampled = {"max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0, "seed": 2}
+    assert kind == "policy" and chat.predict([{"messages": QUESTION}], params=sampled) == in_process_answers(
+        registered["models"]["dpo"], [QUESTION], **sampled
+    )
+    judge, kind = pyfunc.load_registered("models:/legacy-reward/1")
+    pair = QUESTION + [{"role": "assistant", "content": "4."}]
+    assert kind == "reward" and judge.predict([{"prompt": QUESTION, "answer": "4."}]) == pytest.approx(
+        in_process_scores(registered["models"]["reward"], [pair]), abs=1e-6
+    )
 
 
 # ---------------------------------------------------------------- the servers

@@ -14,13 +14,12 @@ COMMANDS = {"/exit": "leave", "/quit": "leave", "/reset": "start a new conversat
 
 
 def load_chat_model(model_uri: str):
-    """The pyfunc at ``model_uri``; refuses a model that does not take ``messages`` (e.g. a reward model)."""
-    import mlflow
+    """The policy at ``model_uri`` (its pyfunc); refuses any other kind (e.g. a reward model)."""
+    from tasks.serving.pyfunc import POLICY, load_registered
 
-    model = mlflow.pyfunc.load_model(model_uri)
-    inputs = model.metadata.get_input_schema()
-    if inputs is None or "messages" not in (inputs.input_names() or []):
-        raise ValueError(f"{model_uri}: not a chat model (its input is {inputs}); give a policy (-sft, -dpo, -rl)")
+    model, kind = load_registered(model_uri)
+    if kind != POLICY:
+        raise ValueError(f"{model_uri}: a {kind} model, not a chat model; give a policy (-sft, -dpo, -rl)")
     return model
 
 

@@ -291,3 +291,30 @@ def download_hf_model(model_uri: str, dst_path: str | None = None) -> str:
         return download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/{HF_SUBPATH}", dst_path=dst_path)
     except (MlflowException, OSError):  # a plain HF folder (registered before versions were MLflow models)
         return download_artifacts(artifact_uri=model_uri, dst_path=dst_path)
+
+
+@dataclasses.dataclass
+class FolderPyfunc:
+    """A plain HF folder (a version registered before versions were MLflow models) behind the same wrapper."""
+
+    model: mlflow.pyfunc.PythonModel
+    kind: str
+
+    def predict(self, data, params=None):
+        return self.model.predict(None, data, params)
+
+
+def load_registered(model_uri: str):
+    """(model with ``.predict(data, params)``, kind) for any version: its pyfunc, or, for a version that is a
+    plain HF folder, the wrapper of its kind around the folder (downloaded once either way)."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.pyfunc import PythonModelContext
+
+    local = Path(download_artifacts(artifact_uri=model_uri))
+    if (local / "MLmodel").is_file():
+        model = mlflow.pyfunc.load_model(str(local))
+        return model, (model.metadata.metadata or {}).get("align_kind", "other")
+    kind = model_kind(local)
+    wrapper = PolicyPyfunc() if kind == POLICY else RewardPyfunc()
+    wrapper.load_context(PythonModelContext(artifacts={HF_KEY: str(local)}, model_config={}))
+    return FolderPyfunc(wrapper, kind), kind

@@ -288,13 +288,15 @@ def score_file(
     limit: int | None = None,
 ) -> dict:
     """Score ``input_path`` with the reward model at ``model_uri``, write Parquet, log to MLflow; the summary."""
-    import mlflow
+    from tasks.serving.pyfunc import REWARD, load_registered
 
     data = read_input(Path(input_path), input_format, limit)
     if not data.answers:
         raise ValueError(f"{input_path}: nothing to score ({data.rows_read} rows read, {len(data.skipped)} skipped)")
     uri, model = resolve_model(model_uri)
-    loaded = mlflow.pyfunc.load_model(uri)
+    loaded, kind = load_registered(uri)
+    if kind != REWARD:
+        raise ValueError(f"{model_uri}: a {kind} model, not a reward model (give a `-reward` version)")
     started = time.perf_counter()
     scores = score_pairs(loaded, data.prompts, data.answers, batch_size)
     seconds = time.perf_counter() - started
