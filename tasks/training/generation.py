@@ -70,8 +70,11 @@ class HFGenerator:
         self.tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        from tasks.training.templates import end_of_turn_ids
+
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids = [self.tokenizer.eos_token_id] + (gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        ids = [*end_of_turn_ids(self.tokenizer), self.tokenizer.eos_token_id]
+        ids += gen_eos if isinstance(gen_eos, list) else [gen_eos]
         self.eos_ids = sorted({i for i in ids if i is not None})  # end-of-turn token and the model's own eos
         self.context = getattr(self.model.config, "max_position_embeddings", None)
 
@@ -79,12 +82,12 @@ class HFGenerator:
         import torch
         from tqdm.auto import tqdm
 
+        from tasks.training.templates import render_ids
+
         started = time.perf_counter()
-        texts = [
-            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
-        ]
-        encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        outputs: list[GenOutput | None] = [None] * len(texts)
+        # the one rendering (templates.render_ids): the same ids, default system prompt included, as in training
+        encoded = [render_ids(self.tokenizer, c, add_generation_prompt=True) for c in conversations]
+        outputs: list[GenOutput | None] = [None] * len(encoded)
         todo = []
         for i, ids in enumerate(encoded):
             if self.context and len(ids) + self.settings.max_new_tokens > self.context:
@@ -99,8 +102,8 @@ class HFGenerator:
                 todo.append(i)
         todo.sort(key=lambda i: (len(encoded[i]), i))  # deterministic; similar lengths share a batch
         torch.manual_seed(self.settings.seed + 1_000_003 * self.stats.calls)
-        bar = tqdm(total=len(texts), desc=self.desc, unit="row", disable=not self.progress, leave=False)
-        bar.update(len(texts) - len(todo))
+        bar = tqdm(total=len(encoded), desc=self.desc, unit="row", disable=not self.progress, leave=False)
+        bar.update(len(encoded) - len(todo))
         size = self.settings.batch_size
         for start in range(0, len(todo), size):
             batch = todo[start : start + size]
@@ -109,7 +112,7 @@ class HFGenerator:
             bar.update(len(batch))
         bar.close()
         self.stats.calls += 1
-        self.stats.rows += len(texts)
+        self.stats.rows += len(encoded)
         self.stats.tokens += sum(o.num_tokens for o in outputs)
         self.stats.seconds += time.perf_counter() - started
         return outputs
@@ -213,21 +216,25 @@ def load_generator(
     chat_template: str = "auto",
     progress: bool = True,
     desc: str = "generate",
+    revision: str | None = None,
     trust_remote_code: bool = False,
 ) -> HFGenerator | VLLMGenerator:
-    """A generator for the model at ``model_ref`` (folder or hub id): bf16 on a GPU, float32 on CPU."""
+    """A generator for the model at ``model_ref`` (folder or hub id, at ``revision``): bf16 on a GPU, float32
+    on CPU."""
     from tasks.training.models import load_causal_lm, load_tokenizer, resolve_model_ref
 
     ref = resolve_model_ref(model_ref)
     if backend == "vllm":
         vllm = require_vllm()
-        llm = vllm.LLM(model=ref, dtype="bfloat16", seed=settings.seed, trust_remote_code=trust_remote_code)
+        llm = vllm.LLM(
+            model=ref, dtype="bfloat16", seed=settings.seed, revision=revision, trust_remote_code=trust_remote_code
+        )
         return VLLMGenerator(llm, settings)
     import torch
 
-    tokenizer = load_tokenizer(ref, chat_template, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(ref, chat_template, revision=revision, trust_remote_code=trust_remote_code)
     on_gpu = torch.cuda.is_available()
     dtype = "bfloat16" if on_gpu else "float32"
-    model = load_causal_lm(ref, dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(ref, dtype, tokenizer=tokenizer, revision=revision, trust_remote_code=trust_remote_code)
     model.to("cuda" if on_gpu else "cpu").eval()
     return HFGenerator(model, tokenizer, settings, progress=progress, desc=desc)

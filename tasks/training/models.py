@@ -9,7 +9,6 @@ bitsandbytes 0.50 loads 4-bit models on CPU without raising, so the device is ch
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -20,7 +19,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from schemas.hashing import content_hash
-from tasks.training.templates import SPECIAL_TOKENS, TEMPLATES, apply_chat_template_style
+from tasks.training import gguf
+from tasks.training.templates import SPECIAL_TOKENS, TEMPLATES, apply_chat_template_style, end_of_turn_ids
 
 TINY = "tiny"
 PAD_TOKEN = "<|endoftext|>"
@@ -32,19 +32,20 @@ class ModelRefError(ValueError):
 
 
 def resolve_model_ref(ref: str, key: str = "model") -> str:
-    """``package:<module>`` → the model folder the package ships; a local folder → its absolute path;
-    a hub id → unchanged (checked against the local cache when HF_HUB_OFFLINE is set)."""
+    """A model reference → what ``from_pretrained`` loads: a local folder's absolute path, or a hub id unchanged
+    (checked against the local cache when HF_HUB_OFFLINE is set).
+
+    ``package:<module>``: the HF folder an installed package ships (``model/`` or its own folder), or the GGUF
+    file it ships, converted once into the model cache (tasks/training/gguf.py); the package is never imported.
+    ``gguf:<path>``: that GGUF file, converted the same way.
+    """
     if ref.startswith("package:"):
-        module_name = ref.split(":", 1)[1]
-        try:
-            mod = importlib.import_module(module_name)
-        except ImportError:
-            raise ModelRefError(f"{key}: {ref!r}: python package {module_name!r} is not installed") from None
-        getter = getattr(mod, "get_model_path", None)
-        folder = Path(getter()) if callable(getter) else Path(mod.__file__).parent / "model"
-        if not (folder / "config.json").is_file():
-            raise ModelRefError(f"{key}: {ref!r}: package has no model folder with config.json at {folder}")
-        return str(folder.resolve())
+        return str(_package_model(ref, key))
+    if ref.startswith("gguf:"):
+        path = Path(ref.split(":", 1)[1]).expanduser()
+        if path.suffix != ".gguf" or not path.is_file():
+            raise ModelRefError(f"{key}: {ref!r}: no such .gguf file (give gguf:<path to a .gguf file>)")
+        return str(_converted(path, ref, key))
     path = Path(ref).expanduser()
     if path.is_dir():
         if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
@@ -52,24 +53,79 @@ def resolve_model_ref(ref: str, key: str = "model") -> str:
         return str(path.resolve())
     if ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
         raise ModelRefError(
-            f"{key}: {ref!r}: no such model folder (give an existing HF folder, a hub id, or package:<module>)"
+            f"{key}: {ref!r}: no such model folder (give an existing HF folder, a hub id, package:<module> "
+            f"or gguf:<file>)"
         )
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(ref, "config.json"), str):
-            raise ModelRefError(
-                f"{key}: {ref!r}: hub model not in the local cache and HF_HUB_OFFLINE is set "
-                f"(download it first or name a local folder)"
-            )
+    if _hub_offline() and hub_commit(ref, None) is None:
+        raise ModelRefError(
+            f"{key}: {ref!r}: hub model not in the local cache and HF_HUB_OFFLINE is set "
+            f"(download it first or name a local folder)"
+        )
     return ref
 
 
-def model_identity(ref: str) -> str:
-    """Content identity of a model: hash of a folder's files (large files by name+size), or the hub id."""
+def _package_model(ref: str, key: str) -> Path:
+    module_name = ref.split(":", 1)[1]
+    folder = gguf.package_folder(module_name)
+    if folder is None:
+        raise ModelRefError(f"{key}: {ref!r}: python package {module_name!r} is not installed")
+    for candidate in (folder / "model", folder):
+        if (candidate / "config.json").is_file():
+            return candidate.resolve()
+    files = sorted(folder.glob("*.gguf")) or sorted(folder.glob("model/*.gguf"))
+    if len(files) == 1:
+        return _converted(files[0], ref, key)
+    found = (
+        f"{len(files)} .gguf files ({', '.join(f.name for f in files)}); name one with gguf:<path>"
+        if files
+        else ("no model/config.json, config.json or .gguf file")
+    )
+    raise ModelRefError(f"{key}: {ref!r}: package folder {folder} holds {found}")
+
+
+def _converted(path: Path, ref: str, key: str) -> Path:
+    try:
+        return gguf.converted_folder(path)
+    except (ValueError, OSError, KeyError, RuntimeError) as e:  # gguf/transformers: unreadable or unsupported
+        raise ModelRefError(f"{key}: {ref!r}: cannot convert {path} into an HF folder: {type(e).__name__}: {e}") from e
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def hub_commit(ref: str, revision: str | None) -> str | None:
+    """The commit a hub id at ``revision`` (branch, tag or commit; None = main) resolves to: from the local
+    cache, else (online) from the hub; None when neither knows it."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(ref, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return Path(cached).parent.name  # <cache>/models--org--name/snapshots/<commit>/config.json
+    if _hub_offline():
+        return None
+    from huggingface_hub import HfApi
+
+    return HfApi().model_info(ref, revision=revision).sha
+
+
+def model_revision(model_spec, ref: str) -> str | None:
+    """The recipe's ``model.revision`` where it applies: to the hub model ``model.name_or_path`` names (a folder
+    or a converted GGUF has no revisions). ``model_spec`` is the recipe's ``model`` section."""
+    return model_spec.revision if ref == model_spec.name_or_path and not Path(ref).is_dir() else None
+
+
+def model_identity(ref: str, revision: str | None = None) -> str:
+    """Content identity of a model: a converted GGUF folder's key (the file's sha256), a folder's file hash
+    (large files by name+size), or ``hub:<id>@<commit>`` (the revision resolved; unresolvable: as given)."""
     path = Path(ref)
     if not path.is_dir():
-        return f"hub:{ref}"
+        if not _HUB_ID.match(ref):
+            return f"hub:{ref}"
+        commit = hub_commit(ref, revision)
+        return f"hub:{ref}@{commit or revision or 'main'}"
+    if converted := gguf.folder_identity(path):
+        return converted
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(str(f.relative_to(path)).encode())
@@ -152,26 +208,38 @@ def bootstrap_tiny(model_cfg, train_parquet: str | Path, out_dir: str | Path) ->
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    if out_dir.exists() and not (out_dir / "config.json").is_file():
+        shutil.rmtree(out_dir)  # an incomplete folder
+    try:
+        tmp.rename(out_dir)
+    except OSError:  # a concurrent run renamed its folder (same seed, same data) first: keep it, as that run
+        if not (out_dir / "config.json").is_file():  # may be training from it already
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
 # ---------------------------------------------------------------- loading
 
 
-def load_tokenizer(ref: str | Path, chat_template: str = "auto", trust_remote_code: bool = False):
+def load_tokenizer(
+    ref: str | Path, chat_template: str = "auto", revision: str | None = None, trust_remote_code: bool = False
+):
     """Tokenizer with a chat template installed (its own under ``auto``) and a pad token set. A repository's own
     code runs only with ``trust_remote_code`` (the recipe's ``model.trust_remote_code``), never by a prompt."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(ref), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(ref), revision=revision, trust_remote_code=trust_remote_code)
     added = apply_chat_template_style(tokenizer, chat_template)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.init_kwargs["align_added_tokens"] = added  # read by callers that must resize embeddings
     return tokenizer
+
+
+def added_token_ids(tokenizer) -> list[int]:
+    """Ids of the special tokens ``load_tokenizer`` had to add for the chat template (new embedding rows)."""
+    return tokenizer.convert_tokens_to_ids(tokenizer.init_kwargs.get("align_added_tokens") or [])
 
 
 def _dtype(name: str):
@@ -181,12 +249,18 @@ def _dtype(name: str):
 
 
 def load_causal_lm(
-    ref: str | Path, dtype: str = "float32", quantization_config=None, tokenizer=None, trust_remote_code: bool = False
+    ref: str | Path,
+    dtype: str = "float32",
+    quantization_config=None,
+    tokenizer=None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ):
-    """Causal LM from a folder or hub id; embeddings resized when the tokenizer gained template tokens."""
+    """Causal LM from a folder or hub id (at ``revision``); embeddings resized when the tokenizer gained
+    template tokens."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": _dtype(dtype), "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": _dtype(dtype), "revision": revision, "trust_remote_code": trust_remote_code}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     model = AutoModelForCausalLM.from_pretrained(str(ref), **kwargs)
@@ -195,12 +269,17 @@ def load_causal_lm(
 
 
 def load_reward_model(
-    ref: str | Path, dtype: str = "float32", quantization_config=None, tokenizer=None, trust_remote_code: bool = False
+    ref: str | Path,
+    dtype: str = "float32",
+    quantization_config=None,
+    tokenizer=None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ):
     """Sequence-classification model with one output (the reward), from an LM, an encoder or an RM folder."""
     from transformers import AutoModelForSequenceClassification
 
-    kwargs = {"dtype": _dtype(dtype), "num_labels": 1, "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": _dtype(dtype), "num_labels": 1, "revision": revision, "trust_remote_code": trust_remote_code}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     model = AutoModelForSequenceClassification.from_pretrained(str(ref), **kwargs)
@@ -252,8 +331,11 @@ def quantization_config(lora_cfg):
     )
 
 
-def peft_config(lora_cfg, task_type: str = "CAUSAL_LM"):
-    """PEFT LoraConfig from the recipe's ``lora`` section (task_type CAUSAL_LM or SEQ_CLS), or None."""
+def peft_config(lora_cfg, task_type: str = "CAUSAL_LM", new_token_ids: list[int] = ()):
+    """PEFT LoraConfig from the recipe's ``lora`` section (task_type CAUSAL_LM or SEQ_CLS), or None.
+
+    ``new_token_ids``: embedding rows the chat template added (random at first): trained too, as PEFT
+    trainable tokens (tied output rows follow), or the model could never learn to read or emit them."""
     if lora_cfg is None:
         return None
     from peft import LoraConfig
@@ -264,16 +346,17 @@ def peft_config(lora_cfg, task_type: str = "CAUSAL_LM"):
         lora_dropout=lora_cfg.lora_dropout,
         target_modules=lora_cfg.target_modules,
         task_type=task_type,
+        trainable_token_indices=list(new_token_ids) or None,
     )
 
 
-def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):
+def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM", new_token_ids: list[int] = ()):
     """Wrap ``model`` with LoRA adapters (k-bit preparation first when it is quantized)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model)
-    return get_peft_model(model, peft_config(lora_cfg, task_type))
+    return get_peft_model(model, peft_config(lora_cfg, task_type, new_token_ids))
 
 
 def save_final_model(model, tokenizer, out_dir: Path) -> Path:
@@ -290,6 +373,7 @@ def save_final_model(model, tokenizer, out_dir: Path) -> Path:
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     if isinstance(model, PeftModel) and not quantized:
         model = model.merge_and_unload()
+    set_stop_tokens(model, tokenizer)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "align_model.json").write_text(json.dumps({"merged": not quantized}), encoding="utf-8")
@@ -297,3 +381,16 @@ def save_final_model(model, tokenizer, out_dir: Path) -> Path:
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+def set_stop_tokens(model, tokenizer) -> None:
+    """The saved generation config stops at the template's end-of-turn token (plus the model's own eos), so a
+    plain ``model.generate`` ends an answer where the template ends an assistant turn."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:  # sequence-classification heads generate nothing
+        return
+    own = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    stop = sorted({*end_of_turn_ids(tokenizer), *(i for i in own if i is not None)})
+    gen.eos_token_id = stop if len(stop) > 1 else (stop[0] if stop else None)
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id

@@ -1,7 +1,10 @@
-"""SFT stage: TRL SFTTrainer on ``messages = prompt + chosen`` (plus SFT-only sources and extra pairs).
+"""SFT stage: TRL SFTTrainer on prompt/completion rows (prompt = every turn before the chosen answer,
+completion = that answer), plus SFT-only sources and extra pairs (tasks/training/examples.py).
 
-Assistant-only loss, packing, LoRA/QLoRA/full are all TRL/PEFT options set in the recipe (``sft.args``,
-``sft.lora``); the setup itself lives in tasks/training.py, shared with every method.
+The loss covers the answer and the template's end-of-turn tokens only (TRL's ``completion_only_loss``), so
+any real chat template trains; rows longer than ``max_length`` are dropped and counted. Packing, LoRA/QLoRA
+and full fine-tuning are TRL/PEFT options set in the recipe (``sft.args``, ``sft.lora``); the setup lives in
+tasks/training/stage.py, shared with every method.
 """
 
 from __future__ import annotations

@@ -1,8 +1,14 @@
 """Chat templates: keep a model's own; otherwise ChatML (Zephyr and Llama-3 styles selectable).
 
-Every template here marks assistant turns with ``{% generation %}`` so TRL's ``assistant_only_loss``
-can build its mask, and renders a prompt as an exact prefix of prompt+answer (DPO/RM split the two
-by string, so a template that re-formats earlier turns once an answer follows would corrupt them).
+Training never depends on a template's shape: SFT rows are TRL prompt/completion pairs (the completion is
+the final answer), so the loss covers the answer's tokens and whatever the template puts after it up to the
+next turn (ChatML: ``<|im_end|>`` and a newline) with any real template (SmolLM2, Qwen2.5, Llama 3 have no
+``{% generation %}`` markers). The templates here still mark assistant turns with them, for users of TRL's
+``assistant_only_loss`` elsewhere, and render a prompt as an exact prefix of prompt+answer.
+
+``render_ids`` is the one rendering of a conversation into token ids, called the way TRL's trainers call
+``apply_chat_template`` (tokenize=True): training, generation (CAI, evaluation) and length checks all go
+through it, so a default system prompt a template inserts (SmolLM2's) is the same everywhere.
 """
 
 from __future__ import annotations
@@ -113,6 +119,34 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
     )
+
+
+def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a conversation, exactly as TRL's SFT/DPO trainers tokenize it."""
+    return tokenizer.apply_chat_template(
+        [{"role": m["role"], "content": m["content"]} for m in messages],
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=add_generation_prompt,
+    )["input_ids"]
+
+
+_PROBE = [{"role": "user", "content": "Hi"}]
+_PROBE_ANSWER = [{"role": "assistant", "content": "Hello"}]
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token that ends an assistant turn in this tokenizer's template (``<|im_end|>`` for ChatML,
+    ``<|eot_id|>`` for Llama 3): the first special token the template puts after an answer; else the eos
+    token; empty when there is neither (the plain template of encoders)."""
+    prompt = render_ids(tokenizer, _PROBE, add_generation_prompt=True)
+    full = render_ids(tokenizer, _PROBE + _PROBE_ANSWER)
+    if full[: len(prompt)] == prompt:
+        special = set(tokenizer.all_special_ids)
+        found = next((t for t in full[len(prompt) :] if t in special), None)
+        if found is not None:
+            return [found]
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
 def is_prefix_consistent(tokenizer, prompt: list[dict], answer: list[dict]) -> bool:
