@@ -4,9 +4,10 @@ accuracy, KL) and the reward model's scoring batches compute over token ids.
 Conventions, defined here once:
 - A *pair* is ``(prompt ids, answer ids)``: the prompt as the chat template renders it with the generation
   prompt, the answer the tokens after it, end-of-turn included (what the policy emits and SFT/DPO train on).
-- ``split_prompt_answer``: the prompt render must be a token prefix of the full render; when it is not, it
-  raises naming the row. One behaviour everywhere, the one TRL's ``apply_chat_template`` has: a template that
-  rewrites earlier turns once an answer follows cannot be split honestly, and skipping would hide it.
+- ``split_prompt_answer`` (over the one rendering, ``templates.render_ids``): the prompt render must be a token
+  prefix of the full render; when it is not, it raises naming the row. One behaviour everywhere, the one TRL's
+  ``apply_chat_template`` has: a template that rewrites earlier turns once an answer follows cannot be split
+  honestly, and skipping would hide it.
 - Batches are right-padded, sorted by length (less padding), and built on the model's own device; logits are
   upcast to float32 before the log-softmax, whatever dtype the model runs in.
 - KL(policy || ref) at an answer position is exact over the vocabulary: sum_v p(v) (log p(v) - log q(v)).
@@ -18,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tasks.training.templates import render_ids
+
 if TYPE_CHECKING:  # torch is imported where tensors are made: a reused run imports this module without it
     import torch
 
@@ -28,23 +31,12 @@ class PromptPrefixError(ValueError):
     """The chat template does not render the prompt as a prefix of prompt + answer."""
 
 
-def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
-    return list(
-        tokenizer.apply_chat_template(
-            [{"role": m["role"], "content": m["content"]} for m in messages],
-            tokenize=True,
-            return_dict=True,
-            add_generation_prompt=generation_prompt,
-        )["input_ids"]
-    )
-
-
 def split_prompt_answer(tokenizer, prompt: list[dict], answer: list[dict] | str, row: str = "") -> tuple[list, list]:
     """(prompt ids with the generation prompt, answer ids incl. end of turn), split where the template renders
     the prompt. ``answer`` is the answer's message list or its text; ``row`` names the row in the error."""
     answer = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else list(answer)
-    prompt_ids = _chat_ids(tokenizer, prompt, True)
-    full = _chat_ids(tokenizer, list(prompt) + answer, False)
+    prompt_ids = list(render_ids(tokenizer, prompt, add_generation_prompt=True))
+    full = list(render_ids(tokenizer, list(prompt) + answer))
     if full[: len(prompt_ids)] != prompt_ids:
         at = next((i for i, (a, b) in enumerate(zip(prompt_ids, full)) if a != b), min(len(prompt_ids), len(full)))
         raise PromptPrefixError(

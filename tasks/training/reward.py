@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.evaluation.metrics import preference_accuracy
 from tasks.training.logprobs import inference_device, model_device, pad_right
 from tasks.training.stage import StageResult, read_rows, stage_dtype, train_stage
+from tasks.training.templates import render_ids
 
 __all__ = ["RewardScorer", "StageResult", "reward_stage", "score_conversations", "train_reward"]
 
@@ -70,9 +71,7 @@ class RewardScorer:
 
     def encode_conversation(self, conversation: list[dict]) -> list[int]:
         """Token ids as the model was trained on them, cut to fit (the middle goes, position 0 stays)."""
-        ids = self.tokenizer.apply_chat_template(
-            [{"role": m["role"], "content": m["content"]} for m in conversation], tokenize=True, return_dict=True
-        )["input_ids"]
+        ids = render_ids(self.tokenizer, conversation)
         fitted = keep_ends(list(ids), position_limit(self.model, self.tokenizer))
         self.cut += len(fitted) < len(ids)
         return fitted
