@@ -1,15 +1,18 @@
 """The one content-hash helper: every key and version the pipeline derives from content (dataset versions,
 stage and evaluation keys, recipe and section hashes, model identities, code versions) is ``content_hash``.
 
-Not this helper: canonical row ids and prompt hashes (``schemas.preference``: blake2b-128, the dedupe and split
-keys, stable across releases), and the full sha256 of an input file (``readers.file_sha256``, recorded in the
-manifest as the file's identity).
+``file_sha256`` is the other hash fact: the full sha256 of a file (an input's identity in the manifest, a GGUF
+model's cache key), never shortened where it is recorded.
+
+Neither: canonical row ids and prompt hashes (``schemas.preference``: blake2b-128, the dedupe and split keys,
+stable across releases).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 # 16 hex characters = 64 bits: the chance that two of a million keys collide is ~3e-8 (birthday bound);
 # 12 characters (48 bits) would give ~2e-3. `datasets` fingerprints (xxhash64) are 16 hex characters too.
@@ -30,3 +33,9 @@ def content_hash(obj) -> str:
     else:
         digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
     return digest[:HASH_CHARS]
+
+
+def file_sha256(path: str | Path) -> str:
+    """Full sha256 (64 hex characters) of a file's bytes, read in blocks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -17,13 +17,14 @@ when transformers moves: drop the rebuild once ``save_pretrained`` accepts a deq
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from schemas.hashing import file_sha256
 
 SOURCE_FILE = "align_source.json"  # written into every converted folder: the identity and where it came from
 _HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
@@ -49,15 +50,12 @@ def package_folder(module_name: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def file_sha256(path: Path) -> str:
+def gguf_sha256(path: Path) -> str:
+    """``file_sha256`` of a GGUF file, once per process per (path, size, mtime): the 98 MB file is read once."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _HASHES:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()
+        _HASHES[key] = file_sha256(path)
     return _HASHES[key]
 
 
@@ -68,7 +66,7 @@ def gguf_identity(sha256: str) -> str:
 def converted_folder(gguf_path: Path) -> Path:
     """The cache folder of a GGUF file (converting it first when it is not there yet)."""
     gguf_path = Path(gguf_path).resolve()
-    sha = file_sha256(gguf_path)
+    sha = gguf_sha256(gguf_path)
     root = cache_root()
     out = root / f"gguf-{sha[:20]}"  # by content only: the same file under another name is the same model
     if is_complete(out, sha):

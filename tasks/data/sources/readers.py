@@ -16,7 +16,6 @@ Every reader yields ``(source_row, record, raw_text, error)``:
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import zlib
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from schemas.data_config import HubSource
-from schemas.hashing import content_hash
+from schemas.hashing import content_hash, file_sha256  # noqa: F401 - file_sha256: its callers import it from here
 from schemas.preference import Reason
 from tasks.data.sources.base import type_name
 
@@ -54,11 +53,6 @@ def resolve_path(path: str | Path, source: str, base_dir: Path | None = None) ->
             return in_base
         tried.append(str(in_base.absolute()))
     raise SourceFileNotFound(f"source {source!r}: file not found: {str(path)!r} (looked at {', '.join(tried)})")
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_records(path: str | Path) -> Iterator[RawRow]:
