@@ -180,6 +180,11 @@ def test_reward_stage_alone_on_minilm_runs_through_the_flow(tmp_path, monkeypatc
         ),
         ({"dpo": {"args": {"betta": 0.1}}}, ["sft", "dpo"], r"^dpo\.args\.betta: not a field of DPOConfig"),
         (
+            {"sft": {"args": {"assistant_only_loss": True}}},
+            ["sft"],
+            r"^sft\.args\.assistant_only_loss: not used: SFT trains prompt/completion rows with completion_only_loss",
+        ),
+        (
             {"reward": {"model": "/no/such/model"}},
             ["reward"],
             r"^reward\.model: '/no/such/model': no such model folder",

@@ -26,9 +26,11 @@ import pyarrow.parquet as pq
 from schemas.hashing import content_hash
 from schemas.recipe import PROJECT_ROOT
 from tasks.registry import tracking
+from tasks.training.examples import examples_for, fit_to_length, read_sft_sources, to_dataset
 from tasks.training.models import (
     TINY,
     ModelRefError,
+    added_token_ids,
     bootstrap_tiny,
     check_quantization_supported,
     cuda_available,
@@ -36,6 +38,7 @@ from tasks.training.models import (
     load_reward_model,
     load_tokenizer,
     model_identity,
+    model_revision,
     peft_config,
     quantization_config,
     resolve_model_ref,
@@ -223,33 +226,6 @@ def read_rows(paths: Sequence[Path]) -> list[dict]:
     return pa.concat_tables([pq.read_table(p, columns=cols) for p in paths]).to_pylist() if paths else []
 
 
-def to_dataset(method: Method, rows: list[dict], sft_messages: Sequence[list[dict]] = ()):
-    from datasets import Dataset
-
-    if method.data == "messages":
-        return Dataset.from_dict({"messages": [r["prompt"] + r["chosen"] for r in rows] + list(sft_messages)})
-    return Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")})
-
-
-def read_sft_sources(sources: list) -> list[list[dict]]:
-    """SFT-only sources: .jsonl/.parquet files with a ``messages`` column, or canonical rows (prompt+chosen)."""
-    out = []
-    for src in sources:
-        path = Path(src.path)
-        if not path.is_absolute():
-            path = PROJECT_ROOT / path
-        table = (
-            pq.read_table(path)
-            if path.suffix == ".parquet"
-            else pa.Table.from_pylist(
-                [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            )
-        )
-        rows = table.to_pylist()[: src.limit]
-        out.extend(r["messages"] if "messages" in r else r["prompt"] + r["chosen"] for r in rows)
-    return out
-
-
 # ---------------------------------------------------------------- base model, keys, reuse
 
 
@@ -277,7 +253,7 @@ def code_version(method: Method) -> str:
     from importlib.metadata import version
 
     h = hashlib.sha256(version("trl").encode())  # == trl.__version__, without importing trl (and torch)
-    for name in ("stage", "models", "templates", method.section):
+    for name in ("stage", "examples", "models", "templates", method.section):
         h.update((PROJECT_ROOT / "tasks" / "training" / f"{name}.py").read_bytes())
     h.update((PROJECT_ROOT / "schemas" / "train_config.py").read_bytes())
     return content_hash(h)
@@ -288,7 +264,7 @@ def training_stage_key(recipe, method: Method, dataset_dir: Path, base: str, ext
         "stage": method.section,
         "method": method.name,
         "dataset": tracking.read_dataset_version(dataset_dir),
-        "base": model_identity(base),
+        "base": model_identity(base, model_revision(recipe.model, base)),
         "section": getattr(recipe, method.section).model_dump(mode="json"),
         "chat_template": recipe.model.chat_template,
         "extra": [content_hash(Path(p).read_bytes()) for p in extra_train],
@@ -344,11 +320,35 @@ def load_for(method: Method, recipe, base: str, cfg):
     template = recipe.model.chat_template
     if method.model_kind == "reward" and not _is_causal_lm(base) and template == "auto":
         template = "plain"
+    revision = model_revision(recipe.model, base)
     remote = recipe.model.trust_remote_code
-    tokenizer = load_tokenizer(base, template, trust_remote_code=remote)
+    tokenizer = load_tokenizer(base, template, revision=revision, trust_remote_code=remote)
     loader = load_causal_lm if method.model_kind == "causal" else load_reward_model
-    model = loader(base, stage_dtype(recipe), quant, tokenizer, trust_remote_code=remote)
+    model = loader(base, stage_dtype(recipe), quant, tokenizer, revision=revision, trust_remote_code=remote)
     return model, tokenizer
+
+
+def training_sets(method: Method, cfg, tokenizer, config, dataset_dir: Path, extra_train) -> dict:
+    """The train (and eval) datasets, rows longer than ``config.max_length`` dropped, with the counts."""
+    max_length = config.max_length
+    sft_only = read_sft_sources(cfg.extra_sources) if method.name == "sft" else []
+    train_rows = read_rows([dataset_dir / "train.parquet", *extra_train])
+    kept, dropped = fit_to_length(tokenizer, examples_for(method.data, train_rows, sft_only), max_length)
+    if not kept:
+        raise StageConfigError(
+            f"{method.section}: all {dropped} training rows are longer than max_length {max_length} tokens; "
+            f"raise {method.section}.args.max_length or shorten the data (data.lengths)"
+        )
+    out = {"train": to_dataset(kept), "train_rows": len(kept), "train_rows_too_long": dropped}
+    if config.eval_strategy != "no":
+        rows = examples_for(method.data, read_rows([dataset_dir / "validation.parquet"]))
+        kept, dropped = fit_to_length(tokenizer, rows, max_length)
+        if not kept:
+            raise StageConfigError(f"{method.section}: every eval row is longer than max_length {max_length} tokens")
+        out.update(eval=to_dataset(kept), eval_rows=len(kept), eval_rows_too_long=dropped)
+    if dropped := out["train_rows_too_long"] + out.get("eval_rows_too_long", 0):
+        print(f"{method.section}: {dropped} row(s) longer than max_length {max_length} dropped (not truncated)")
+    return out
 
 
 def _is_causal_lm(ref: str) -> bool:
@@ -374,26 +374,28 @@ def train(
     model, tokenizer = load_for(method, recipe, base, cfg)
     config = make_trl_config(method, cfg.args, checkpoints, getattr(model.config, "max_position_embeddings", None))
     task_type = "CAUSAL_LM" if method.model_kind == "causal" else "SEQ_CLS"
-    dataset_dir = Path(dataset_dir)
-    train_rows = read_rows([dataset_dir / "train.parquet", *extra_train])
+    data = training_sets(method, cfg, tokenizer, config, Path(dataset_dir), extra_train)
     from tasks.training.callbacks import MlflowMetricsCallback
 
     step_metrics = MlflowMetricsCallback()
-    sft_only = read_sft_sources(cfg.extra_sources) if method.name == "sft" else []
     kwargs = dict(
         model=model,
         args=config,
-        train_dataset=to_dataset(method, train_rows, sft_only),
+        train_dataset=data["train"],
         processing_class=tokenizer,
         callbacks=[step_metrics, *callbacks],
-        peft_config=peft_config(cfg.lora, task_type),
+        peft_config=peft_config(cfg.lora, task_type, added_token_ids(tokenizer)),
     )
-    if config.eval_strategy != "no":
-        kwargs["eval_dataset"] = to_dataset(method, read_rows([dataset_dir / "validation.parquet"]))
+    if "eval" in data:
+        kwargs["eval_dataset"] = data["eval"]
     if method.name == "dpo" and cfg.lora is None:
-        kwargs["ref_model"] = load_causal_lm(  # the base (SFT) model, frozen
-            base, tokenizer=tokenizer, trust_remote_code=recipe.model.trust_remote_code
-        )
+        ref = load_causal_lm(
+            base,
+            tokenizer=tokenizer,
+            revision=model_revision(recipe.model, base),
+            trust_remote_code=recipe.model.trust_remote_code,
+        )  # the frozen base (SFT)
+        kwargs["ref_model"] = ref
     trainer = _import(method.trainer)(**kwargs)
     from transformers.trainer_callback import PrinterCallback
 
@@ -410,6 +412,7 @@ def train(
     history = list(trainer.state.log_history)
     metrics = summarise(history)
     metrics["resumed_from_step"] = int(resume.rsplit("-", 1)[1]) if resume else 0
+    metrics.update({k: v for k, v in data.items() if k.endswith(("_rows", "_too_long"))})
     return model_dir, metrics, history
 
 
@@ -486,6 +489,11 @@ def check_stage(recipe, section: str) -> None:
     cfg = getattr(recipe, section)
     method = method_for(recipe, section)
     check_args(method, cfg.args)
+    if method.name == "sft" and "assistant_only_loss" in cfg.args:
+        raise StageConfigError(
+            "sft.args.assistant_only_loss: not used: SFT trains prompt/completion rows with completion_only_loss "
+            "(the final answer and its end-of-turn tokens, with any chat template); remove it"
+        )
     if cfg.lora is not None:
         try:
             check_quantization_supported(cfg.lora.quantization, f"{section}.lora.quantization")
