@@ -230,6 +230,8 @@ def histogram(scored: pa.Table, pairs: bool, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tasks.evaluation.metrics import preference_accuracy
+
     if not pairs:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.hist(scored.column("score").to_numpy(), bins=30, color="tab:blue")
@@ -250,7 +252,7 @@ def histogram(scored: pa.Table, pairs: bool, title: str):
     right.hist(chosen - rejected, bins=30, color="tab:blue")
     right.axvline(0.0, color="black", linewidth=1)
     right.set_xlabel("margin (chosen - rejected)")
-    right.set_title(f"pairwise accuracy {float(np.mean((chosen > rejected) + 0.5 * (chosen == rejected))):.3f}")
+    right.set_title(f"pairwise accuracy {preference_accuracy(list(chosen), list(rejected)):.3f}")
     fig.tight_layout()
     return fig
 
