@@ -342,14 +342,14 @@ class CAIResult:
 
 def cai_stage_key(recipe, dataset_dir: Path, model_ref: str, critic_ref: str) -> str:
     from tasks.registry.tracking import read_dataset_version
-    from tasks.training.models import model_identity
+    from tasks.training.models import model_identity, model_revision
 
     payload = {
         "cai": recipe.cai.model_dump(mode="json"),
         "dataset": read_dataset_version(dataset_dir),
         "constitution": content_hash(Path(recipe.cai.constitution).read_bytes()),
-        "model": model_identity(model_ref),
-        "critic": model_identity(critic_ref),
+        "model": model_identity(model_ref, model_revision(recipe.model, model_ref)),
+        "critic": model_identity(critic_ref, model_revision(recipe.model, critic_ref)),
         "template": recipe.model.chat_template,
         "code": CODE_VERSION,
     }
@@ -485,6 +485,7 @@ def run_cai(
     from schemas.constitution import load_constitution
     from tasks.registry.tracking import stage_run
     from tasks.training.generation import load_generator
+    from tasks.training.models import model_revision
 
     cfg, dataset_dir = recipe.cai, Path(dataset_dir)
     out_dir = dataset_dir / "cai"
@@ -514,6 +515,7 @@ def run_cai(
                 cfg.backend,
                 recipe.model.chat_template,
                 desc="cai",
+                revision=model_revision(recipe.model, model_ref),
                 trust_remote_code=remote,
             )
             if critic_ref != model_ref:
@@ -523,6 +525,7 @@ def run_cai(
                     cfg.backend,
                     recipe.model.chat_template,
                     desc="cai critic",
+                    revision=model_revision(recipe.model, critic_ref),
                     trust_remote_code=remote,
                 )
         started = time.perf_counter()
