@@ -107,10 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from scripts.cli import run_command  # the command layer: checks, Prefect mode, one-line errors
 
-    def check() -> None:  # a bad recipe, stage list or source fails in one line, in a second, before Prefect starts
+    def check() -> None:  # a bad recipe, source or stage list fails in one line before Prefect starts
         r = load_recipe(args.recipe)
+        check_sources(r.sources)  # first: checking the stages may import TRL
         check_stages(r, parse_stages(args.stages))
-        check_sources(r.sources)
 
     run_command(check, lambda: align(recipe=args.recipe, stages=args.stages, output=args.output, runs=args.runs))
 

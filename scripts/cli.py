@@ -45,6 +45,8 @@ def run_command(check: Callable[[], object], work: Callable[[], object], prefect
             except BaseException as e:
                 if is_known_fault(e):
                     held.clear()  # the error line below says it; the Prefect UI keeps the full report
+                else:
+                    held.drop_tracebacks()  # a bug: its messages, then its traceback once, as it propagates
                 raise
     except Exception as e:
         if not is_known_fault(e):
@@ -102,6 +104,10 @@ class _HoldRunErrors(logging.Filter):
 
     def clear(self) -> None:
         self.held.clear()
+
+    def drop_tracebacks(self) -> None:
+        for record in self.held:
+            record.exc_info, record.exc_text = None, None
 
 
 @contextmanager

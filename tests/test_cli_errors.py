@@ -117,8 +117,11 @@ def test_run_command_known_fault_drops_prefects_report_a_bug_keeps_it(capfd, mon
 
     def failing(error: Exception):
         def work():
-            logging.getLogger("prefect.flow_runs").error("Encountered exception during execution: %r", error)
-            raise error
+            try:
+                raise error
+            except type(error):  # as Prefect's flow engine reports it: the message with the traceback
+                logging.getLogger("prefect.flow_runs").exception("Encountered exception during execution: %r", error)
+                raise
 
         return work
 
@@ -133,4 +136,5 @@ def test_run_command_known_fault_drops_prefects_report_a_bug_keeps_it(capfd, mon
     finally:
         logging.getLogger().removeHandler(console)
     assert "Encountered exception during execution: RuntimeError('a bug')" in shown.getvalue()
+    assert "Traceback" not in shown.getvalue(), "the bug's traceback is printed once, as it propagates"
     assert "error:" not in capfd.readouterr().err

@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-from schemas.recipe import PROJECT_ROOT
 from tasks.data.sources.readers import SourceError
 
 STALL_SECONDS_ENV = "ALIGN_INGEST_STALL_SECONDS"
@@ -105,6 +104,8 @@ def run_jobs(
 
 
 def _start(target: str, job: tuple, label: str) -> _Worker:
+    from schemas.recipe import PROJECT_ROOT  # here, not at the top: a worker has no use for the recipe schema
+
     ours, theirs = socket.socketpair()
     env = {
         **os.environ,
