@@ -9,7 +9,7 @@ printed a ``TerminationSignal`` traceback from every forked worker a pool termin
 would also exec, but re-run the parent's ``__main__`` (``flows.ingest``: Prefect's import) in each worker.
 
 A worker reports progress at least every ``PROGRESS_EVERY`` rows; one that sends nothing for ``stall_seconds``
-(``ALIGN_INGEST_STALL_SECONDS``, default 60), or that dies, fails the read with a message naming its job,
+(``ALIGN_INGEST_STALL_SECONDS``, default 300), or that dies, fails the read with a message naming its job,
 and every worker is stopped. The jobs' results come back pickled over a socket; bulk data goes through
 files the job writes (``tasks.data.sources.core`` spools Arrow batches).
 """
@@ -32,7 +32,10 @@ from multiprocessing.connection import Connection, wait
 from tasks.data.sources.readers import SourceError
 
 STALL_SECONDS_ENV = "ALIGN_INGEST_STALL_SECONDS"
-DEFAULT_STALL_SECONDS = 60.0
+# Generous: the watch is a safety net for a hang (which lasts forever), not a timer. Between two progress messages
+# a worker spends ~1.3 s of CPU (4096 rows, and every 16k rows a flush that hashes them: ~1.2 s); on this project's
+# 2-core machines under a load of 15-20 (other test suites, torch jobs) one such gap took over 60 s.
+DEFAULT_STALL_SECONDS = 300.0
 PROGRESS_EVERY = 4096  # rows between progress messages: ~0.1 s of parsing, nothing next to it in cost
 
 
