@@ -3,7 +3,8 @@
 - **Checks first**: the recipe and its sources are checked before Prefect starts, so a bad key or a
   missing file fails in a second, not after a temporary server's 5-17 s start.
 - **One line per known fault**: an input or configuration problem (``ValueError`` and its subclasses:
-  recipe, source, stage and registry errors; ``FileNotFoundError``; a broken data contract) prints
+  recipe, source, stage and registry errors; ``FileNotFoundError``; a broken data contract; a model or
+  version the MLflow registry does not have) prints
   ``error: <file or key>: <what is wrong>`` and exits 1. Anything else is a bug and keeps its traceback.
   Prefect's own failure reports (a run logger's ERROR records, with the traceback, and a flow's
   "Finished in state Failed(...)") still reach the Prefect API and UI, but are held off the console while
@@ -58,9 +59,16 @@ def run_command(check: Callable[[], object], work: Callable[[], object], prefect
 def is_known_fault(e: BaseException) -> bool:
     if isinstance(e, (ValueError, FileNotFoundError)):
         return True
-    from tasks.data.contracts import ContractBreach  # imported only on a failure
-
-    return isinstance(e, ContractBreach)
+    # Classes of modules not imported cannot have raised: look them up, never import them here.
+    contracts, mlflow_errors = sys.modules.get("tasks.data.contracts"), sys.modules.get("mlflow.exceptions")
+    if contracts is not None and isinstance(e, contracts.ContractBreach):
+        return True
+    # A model or version name that is not in the registry (`flows.promote --model x --version 9`).
+    return (
+        mlflow_errors is not None
+        and isinstance(e, mlflow_errors.MlflowException)
+        and e.error_code == "RESOURCE_DOES_NOT_EXIST"
+    )
 
 
 def one_line(e: BaseException) -> str:

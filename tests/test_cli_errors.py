@@ -138,3 +138,15 @@ def test_run_command_known_fault_drops_prefects_report_a_bug_keeps_it(capfd, mon
     assert "Encountered exception during execution: RuntimeError('a bug')" in shown.getvalue()
     assert "Traceback" not in shown.getvalue(), "the bug's traceback is printed once, as it propagates"
     assert "error:" not in capfd.readouterr().err
+
+
+def test_is_known_fault_registry_name_not_found_yes_other_mlflow_errors_no():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
+
+    from scripts.cli import is_known_fault, one_line
+
+    missing = MlflowException("Registered Model with name=tiny-dpo not found", error_code=RESOURCE_DOES_NOT_EXIST)
+    assert is_known_fault(missing) and one_line(missing) == "Registered Model with name=tiny-dpo not found"
+    assert not is_known_fault(MlflowException("database is locked", error_code=INTERNAL_ERROR))
+    assert not is_known_fault(KeyError("table")), "a bug keeps its traceback"
