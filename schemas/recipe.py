@@ -15,7 +15,7 @@ from schemas.cai_config import CAIConfig
 from schemas.data_config import DataConfig, SourceConfig, Strict, repeated
 from schemas.eval_config import ComputeConfig, EvaluateConfig, MlflowConfig, PromoteConfig
 from schemas.hashing import content_hash
-from schemas.train_config import DPOStage, ModelSpec, RewardStage, SFTStage
+from schemas.train_config import DPOStage, ModelSpec, RewardStage, RLStage, SFTStage
 
 
 class RecipeError(ValueError):
@@ -31,6 +31,7 @@ class Recipe(Strict):
     cai: CAIConfig = Field(default_factory=CAIConfig)
     reward: RewardStage = Field(default_factory=RewardStage)
     dpo: DPOStage = Field(default_factory=DPOStage)
+    rl: RLStage | None = Field(None, description="online RL stage; `align` runs it when this section is set")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)

@@ -1,4 +1,4 @@
-"""Recipe sections of the training stages: ``model``, ``sft``, ``reward``, ``dpo``.
+"""Recipe sections of the training stages: ``model``, ``sft``, ``reward``, ``dpo``, ``rl``.
 
 Each stage's ``args`` are TRL config fields, spelled as TRL spells them, passed through unchanged
 (tasks check them against the TRL config class, so an unknown field fails naming the key).
@@ -88,4 +88,16 @@ class DPOStage(StageConfig):
     )
     eval_beta: float | None = Field(
         None, gt=0, description="beta of the held-out implicit reward vs the base model; default args.beta or 0.1"
+    )
+
+
+class RLStage(StageConfig):
+    """Online RL against the reward model: ``args`` are RLOOConfig / GRPOConfig fields, as TRL spells them."""
+
+    method: Literal["rloo", "grpo"] = Field("rloo", description="rloo: trl.RLOOTrainer; grpo: trl.GRPOTrainer")
+    reward_model: str | None = Field(
+        None, description="reward model (folder, hub id, package:<module>); empty = the pipeline's reward stage output"
+    )
+    heldout_prompts: int = Field(
+        64, gt=0, description="held-out prompts answered greedily for reward_mean_start / reward_mean_final"
     )

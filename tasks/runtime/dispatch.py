@@ -39,9 +39,10 @@ STAGE_FUNCTIONS = {
     "cai": ("tasks.cai.stage:cai_stage", "tasks.cai.stage:cai_stage.fn"),
     "reward": ("tasks.training.reward:reward_stage", "tasks.training.reward:train_reward"),
     "dpo": ("tasks.training.dpo:dpo_stage", "tasks.training.dpo:train_dpo"),
+    "rl": ("tasks.training.rl:rl_stage", "tasks.training.rl:train_rl"),
 }
 GPU_STAGES = frozenset(STAGE_FUNCTIONS)  # all of them want an accelerator when there is one
-ACCELERATE_STAGES = frozenset({"sft", "reward", "dpo"})  # trainer stages; CAI generation runs in one process
+ACCELERATE_STAGES = frozenset({"sft", "reward", "dpo", "rl"})  # trainer stages; CAI generation: one process
 STAGE_DEPLOYMENT = "stage/gpu"
 GPU_TAG = "gpu"  # tag concurrency limit: stages per GPU host
 

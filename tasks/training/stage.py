@@ -45,7 +45,7 @@ from tasks.training.models import (
     save_final_model,
 )
 
-TRAINED_SECTIONS = ("sft", "reward", "dpo")  # recipe sections this module trains; flows/align.py orders all stages
+TRAINED_SECTIONS = ("sft", "reward", "dpo", "rl")  # sections this module trains; flows/align.py orders stages
 FIELDS_CACHE = PROJECT_ROOT / ".align" / "trl-config-fields.json"  # + the TRL version: see config_fields
 
 
@@ -69,12 +69,17 @@ class Method:
     config: str  # "module:Class" of the TRL config (imported lazily: trl is slow)
     trainer: str
     model_kind: str  # "causal" | "reward"
-    data: str  # "messages" (SFT view) | "preference"
+    data: str  # "messages" (SFT view) | "preference" | "prompts" (online RL)
     forced: dict = field(default_factory=dict)  # fields the method itself implies
     plots: dict = field(default_factory=dict)
+    # "module:function" building the method's datasets in place of ``training_sets`` (and extra trainer inputs,
+    # e.g. reward functions): f(recipe, method, tokenizer, trl_config, dataset_dir, extra_train, inputs) -> dict
+    datasets: str | None = None
 
 
 _LOSS = ["loss", "eval_loss"]
+# per-step curves of the online RL trainers; `kl` is logged when computed (RLOO, GRPO with beta > 0)
+RL_PLOTS = {"reward": ["reward"], "completion_length": ["completions/mean_length"], "kl": ["kl"]}
 METHODS: dict[str, Method] = {
     "sft": Method("sft", "sft", "trl:SFTConfig", "trl:SFTTrainer", "causal", "messages", plots={"loss": _LOSS}),
     "reward": Method(
@@ -119,6 +124,20 @@ METHODS: dict[str, Method] = {
         forced={"loss_type": "simpo", "cpo_alpha": 0.0},
         plots={"loss": _LOSS, "reward_margin": ["rewards/margins", "eval_rewards/margins"]},
     ),
+    # Online RL against the reward model (tasks/training/rl.py): train prompts, a reward callable.
+    **{
+        name: Method(
+            name,
+            "rl",
+            f"trl:{cls}Config",
+            f"trl:{cls}Trainer",
+            "causal",
+            "prompts",
+            plots=RL_PLOTS,
+            datasets="tasks.training.rl:rl_sets",
+        )
+        for name, cls in (("rloo", "RLOO"), ("grpo", "GRPO"))
+    },
 }
 
 
@@ -143,9 +162,21 @@ def _import(ref: str):
 def method_for(recipe, section: str) -> Method:
     if section == "dpo":
         return METHODS[recipe.dpo.method]
+    if section == "rl":
+        return METHODS[rl_section(recipe).method]
     if section not in METHODS:
         raise StageConfigError(f"unknown training stage {section!r}; valid: {', '.join(TRAINED_SECTIONS)}")
     return METHODS[section]
+
+
+def rl_section(recipe):
+    """The recipe's ``rl`` section (optional: a recipe without one does not run the stage)."""
+    if recipe.rl is None:
+        raise StageConfigError(
+            "rl: the recipe has no rl: section; add one (rl: {method: rloo | grpo, args: {...}}) "
+            "or leave rl out of the stages"
+        )
+    return recipe.rl
 
 
 # ---------------------------------------------------------------- TRL config
@@ -255,11 +286,15 @@ def code_version(method: Method) -> str:
     h = hashlib.sha256(version("trl").encode())  # == trl.__version__, without importing trl (and torch)
     for name in ("stage", "examples", "models", "templates", method.section):
         h.update((PROJECT_ROOT / "tasks" / "training" / f"{name}.py").read_bytes())
+    if method.datasets:  # the module that builds the method's datasets (e.g. tasks.training.kto)
+        h.update(PROJECT_ROOT.joinpath(*method.datasets.split(":")[0].split(".")).with_suffix(".py").read_bytes())
     h.update((PROJECT_ROOT / "schemas" / "train_config.py").read_bytes())
     return content_hash(h)
 
 
-def training_stage_key(recipe, method: Method, dataset_dir: Path, base: str, extra_train: Sequence[Path]) -> str:
+def training_stage_key(
+    recipe, method: Method, dataset_dir: Path, base: str, extra_train: Sequence[Path], inputs: dict | None = None
+) -> str:
     payload = {
         "stage": method.section,
         "method": method.name,
@@ -270,6 +305,8 @@ def training_stage_key(recipe, method: Method, dataset_dir: Path, base: str, ext
         "extra": [content_hash(Path(p).read_bytes()) for p in extra_train],
         "code": code_version(method),
     }
+    if inputs:  # other models the stage reads (the RL stage's reward model): their content identities
+        payload["inputs"] = {k: model_identity(str(v)) for k, v in sorted(inputs.items())}
     return content_hash(payload)
 
 
@@ -367,6 +404,7 @@ def train(
     stage_dir: Path,
     extra_train: Sequence[Path] = (),
     callbacks: Sequence = (),
+    inputs: dict | None = None,
 ) -> tuple[Path, dict, list[dict]]:
     """Train one method; returns (model dir, summary metrics, log history). Resumes from a checkpoint."""
     cfg = getattr(recipe, method.section)
@@ -374,7 +412,12 @@ def train(
     model, tokenizer = load_for(method, recipe, base, cfg)
     config = make_trl_config(method, cfg.args, checkpoints, getattr(model.config, "max_position_embeddings", None))
     task_type = "CAUSAL_LM" if method.model_kind == "causal" else "SEQ_CLS"
-    data = training_sets(method, cfg, tokenizer, config, Path(dataset_dir), extra_train)
+    if method.datasets:  # the method's own builder: the same dict, plus ``trainer_kwargs`` (e.g. reward_funcs)
+        data = _import(method.datasets)(
+            recipe, method, tokenizer, config, Path(dataset_dir), extra_train, inputs or {}
+        )
+    else:
+        data = training_sets(method, cfg, tokenizer, config, Path(dataset_dir), extra_train)
     from tasks.training.callbacks import MlflowMetricsCallback
 
     step_metrics = MlflowMetricsCallback()
@@ -388,6 +431,7 @@ def train(
     )
     if "eval" in data:
         kwargs["eval_dataset"] = data["eval"]
+    kwargs.update(data.get("trainer_kwargs", {}))
     if method.name == "dpo" and cfg.lora is None:
         ref = load_causal_lm(
             base,
@@ -439,24 +483,31 @@ def train_stage(
     extra_train: Sequence[Path] = (),
     callbacks: Sequence = (),
     evaluate: Callable[[Path, str, Path], dict] | None = None,
+    inputs: dict[str, str] | None = None,
 ) -> StageResult:
-    """Run (or reuse) one training stage; ``evaluate(model_dir, base, dataset_dir)`` adds held-out metrics."""
+    """Run (or reuse) one training stage; ``evaluate(model_dir, base, dataset_dir)`` adds held-out metrics;
+    ``inputs`` names other models the stage reads (e.g. ``reward_model``): part of its key, given to its trainer."""
     method = method_for(recipe, section)
     check_stage(recipe, section)
     dataset_dir = Path(dataset_dir)
     extra_train = [Path(p) for p in extra_train]
     stage_root = Path(output_root or default_runs_root()) / recipe.name / tracking.read_dataset_version(dataset_dir)
     base = resolve_base(recipe, section, dataset_dir, base_model, stage_root)
-    stage_dir = stage_root / f"{section}-{training_stage_key(recipe, method, dataset_dir, base, extra_train)}"
+    stage_dir = stage_root / f"{section}-{training_stage_key(recipe, method, dataset_dir, base, extra_train, inputs)}"
     done = finished(stage_dir)
     if done is not None:
         run_id = tracking.stage_run_here(recipe, section, stage_dir, done["run_id"], dataset_dir)  # store changed?
         return StageResult(section, stage_dir / "model", done["metrics"], run_id, reused=True)
     quiet()  # imports transformers: only when the stage really trains
     stage_dir.mkdir(parents=True, exist_ok=True)
-    params = tracking.stage_params(recipe, section, method.name, base)
+    params = {
+        **tracking.stage_params(recipe, section, method.name, base),
+        **{k: str(v) for k, v in (inputs or {}).items()},
+    }
     with tracking.stage_run(section, recipe, dataset_dir, params, extra_train) as run_id:
-        model_dir, metrics, history = train(method, recipe, dataset_dir, base, stage_dir, extra_train, callbacks)
+        model_dir, metrics, history = train(
+            method, recipe, dataset_dir, base, stage_dir, extra_train, callbacks, inputs
+        )
         if evaluate is not None:
             metrics.update(evaluate(model_dir, base, dataset_dir))
         tracking.log_summary(metrics)
@@ -486,8 +537,8 @@ def check_stage(recipe, section: str) -> None:
     """Everything about a stage that can be checked without data: TRL fields, QLoRA on CPU, base model ref."""
     if section not in TRAINED_SECTIONS:
         raise StageConfigError(f"unknown training stage {section!r}; valid: {', '.join(TRAINED_SECTIONS)}")
-    cfg = getattr(recipe, section)
     method = method_for(recipe, section)
+    cfg = getattr(recipe, section)
     check_args(method, cfg.args)
     if method.name == "sft" and "assistant_only_loss" in cfg.args:
         raise StageConfigError(
@@ -519,9 +570,15 @@ def check_stages(recipe, stages: Sequence[str]) -> None:
             continue
         check_stage(recipe, stage)
         cfg = getattr(recipe, stage)
-        if stage != "sft" and not cfg.model and "sft" not in stages[:i]:
+        starts = ("sft", "dpo") if stage == "rl" else ("sft",)  # rl starts from DPO when it ran, else SFT
+        if stage != "sft" and not cfg.model and not set(starts) & set(stages[:i]):
             raise StageConfigError(
-                f"{stage}: no base model; set {stage}.model in the recipe or add sft to the stages before it"
+                f"{stage}: no base model; set {stage}.model in the recipe or add {' or '.join(starts)} "
+                f"to the stages before it"
+            )
+        if stage == "rl" and not cfg.reward_model and "reward" not in stages[:i]:
+            raise StageConfigError(
+                "rl: no reward model; set rl.reward_model in the recipe or add reward to the stages before it"
             )
 
 
@@ -533,6 +590,8 @@ STAGE_METRIC_KEYS = (
     "step0_reward_accuracy",
     "final_reward_accuracy",
     "final_reward_margin",
+    "reward_mean_start",
+    "reward_mean_final",
 )
 
 
