@@ -22,7 +22,7 @@ from schemas.recipe import load_recipe
 from schemas.train_config import RLStage
 from tasks.data.sources.core import check_sources
 from tasks.evaluation.stage import evaluate_stage
-from tasks.registry.tracking import start_pipeline_run
+from tasks.registry.tracking import check_store, start_pipeline_run
 from tasks.registry.versions import register_stage_task, registered_name
 from tasks.runtime.dispatch import dispatch_stage, publish_stage_metrics, retrain_decision
 from tasks.training.stage import StageConfigError, check_stages, format_stage_metrics, stage_metrics_rows
@@ -59,7 +59,8 @@ def recipe_and_stages(recipe: str, stages: str | None):
     wanted = parse_stages(stages, r)
     if "rl" in wanted and r.rl is None:
         r.rl = RLStage()
-    check_stages(r, wanted)  # fail before any work: unknown TRL field, QLoRA on CPU, missing base model
+    check_store(r)  # fail before any work: a tracking store that cannot be written (a read-only path), ...
+    check_stages(r, wanted)  # ... an unknown TRL field, QLoRA on CPU, a missing base model
     return r, wanted
 
 

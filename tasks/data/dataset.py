@@ -33,6 +33,8 @@ from tasks.data.preload import import_in_background
 from tasks.data.sources.readers import file_sha256
 from tasks.data.split import SPLITS, split_rows
 from tasks.registry.secrets import redact
+from tasks.runtime.faults import fault_point
+from tasks.runtime.locks import exclusive
 from tasks.runtime.retries import retry_on_transient_io
 
 SPLIT_FILES = (*SPLITS, "quarantine")  # validation: in-training evaluation; test: the evaluate stage only
@@ -123,7 +125,23 @@ def build_dataset(recipe: Recipe, output_dir: Path | None = None, tokenizer=None
     version = compute_dataset_version(recipe, [r.input for r in results])
     if found := existing_version(output_dir, version):
         return found
+    # One build of a version at a time: a concurrent run of the same data waits here, then reuses what it published.
+    with exclusive(output_dir / f".{version}.lock", f"ingest: dataset version {version}"):
+        if found := existing_version(output_dir, version):
+            return found
+        remove_partial_builds(output_dir, version)
+        return _build_version(recipe, output_dir, version, results, tokenizer, started)
 
+
+def remove_partial_builds(output_dir: Path, version: str) -> None:
+    """Temporary folders of ``version`` left by a run that died before publishing it (called under the version's
+    build lock, so no live run owns them): removed, and said."""
+    for tmp in sorted(output_dir.glob(f".tmp-{version}-*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"ingest: removed {tmp}, the unpublished build of an interrupted run", flush=True)
+
+
+def _build_version(recipe: Recipe, output_dir: Path, version: str, results, tokenizer, started: float):
     rows = pa.concat_tables([r.accepted for r in results]) if results else PREFERENCE_SCHEMA.empty_table()
     if tokenizer is None and recipe.data.lengths.tokenizer:
         from transformers import AutoTokenizer
@@ -167,6 +185,7 @@ def build_dataset(recipe: Recipe, output_dir: Path | None = None, tokenizer=None
         raise
     manifest["build_seconds"] = round(time.perf_counter() - started, 3)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    fault_point("ingest.before_publish")  # crash tests only (tasks/runtime/faults.py)
     final = output_dir / version
     if not publish(tmp, final):
         return existing_version(output_dir, version)

@@ -25,6 +25,7 @@ there is one, and scoring runs there too.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -344,7 +345,7 @@ def evaluate_stage(recipe, dataset_dir: Path, sft, reward, dpo) -> dict:
     else:
         metrics = run_evaluation(recipe, dataset_dir, sft, reward, dpo, champion)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # its own: a concurrent run evaluating the same writes too
         tmp.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
         tmp.replace(path)
     publish_evaluation(recipe.name, metrics)

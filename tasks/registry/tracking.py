@@ -15,10 +15,13 @@ import contextlib
 import json
 import os
 import subprocess
+import tempfile
+import urllib.parse
 from pathlib import Path
 
 import yaml
 
+from schemas.hashing import content_hash
 from schemas.recipe import PROJECT_ROOT
 from tasks.registry.secrets import redact
 
@@ -36,6 +39,64 @@ def tracking_uri(recipe=None) -> str:
         return recipe.mlflow.tracking_uri
     DEFAULT_DB.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{DEFAULT_DB}"
+
+
+class TrackingStoreError(ValueError):
+    """The tracking store cannot be written; the message names its path and the fix."""
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The database file or folder of a local tracking store (``sqlite:///``, ``file:``, a plain path), else None."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :])
+    if uri.startswith("file:"):
+        return Path(urllib.parse.urlparse(uri).path)
+    return None if "://" in uri else Path(uri)
+
+
+def check_store(recipe=None) -> None:
+    """Fail before any work, in one line naming the path, when the local tracking store cannot be written (a
+    read-only folder or database): MLflow would raise only after ingest and training, as a traceback, with
+    nothing to register into. A remote store (http, databricks) is its server's to judge."""
+    try:
+        uri = tracking_uri(recipe)
+    except OSError as e:  # the default store's folder (.align/) cannot be created
+        raise TrackingStoreError(f"{DEFAULT_DB.parent}: cannot create the tracking store: {e.strerror}") from None
+    path = local_store_path(uri)
+    if path is None:
+        return
+    folder = path.parent if uri.startswith("sqlite:") else path
+    existing = next(p for p in (folder, *folder.parents) if p.is_dir())  # where the first file would be created
+    probes = [existing, *([folder / "mlartifacts"] if (folder / "mlartifacts").is_dir() else [])]
+    probing = path
+    try:
+        if path.is_file():
+            open(path, "r+b").close()  # opened for writing, nothing written
+        for probing in probes:
+            tempfile.TemporaryFile(dir=probing).close()
+    except OSError as e:
+        from_recipe = not os.environ.get("MLFLOW_TRACKING_URI") and recipe is not None and recipe.mlflow.tracking_uri
+        where = "the recipe's mlflow.tracking_uri (or MLFLOW_TRACKING_URI)" if from_recipe else "MLFLOW_TRACKING_URI"
+        raise TrackingStoreError(
+            f"{probing}: the MLflow tracking store is not writable ({e.strerror}); "
+            f"point {where} at a writable location"
+        ) from None
+
+
+def store_lock(what: str):
+    """The lock of the current tracking store between runs, for its creation and registry writes (register,
+    promote): beside a local store, else under .align/locks/ (this host only)."""
+    import mlflow
+
+    from tasks.runtime.locks import exclusive
+
+    uri = mlflow.get_tracking_uri()
+    path = local_store_path(uri)
+    if path is None:
+        lock = PROJECT_ROOT / ".align" / "locks" / f"{content_hash(uri)}.lock"
+    else:
+        lock = path.with_name(f"{path.name}.lock") if uri.startswith("sqlite:") else path / ".align-store.lock"
+    return exclusive(lock, f"{what} ({path or 'the tracking store'})")
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -58,8 +119,11 @@ def use_experiment(name: str, recipe=None) -> str:
 
     uri = tracking_uri(recipe)
     mlflow.set_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else mlflow.create_experiment(name, artifact_location=_artifact_root(uri))
+    # Two runs on a fresh store would both create its tables (MLflow's migrations then fail in one of them) and
+    # both create the experiment: one does, the other waits and finds them.
+    with store_lock("tracking store setup"):
+        exp = mlflow.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp else mlflow.create_experiment(name, artifact_location=_artifact_root(uri))
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -262,15 +326,18 @@ def stage_run_here(recipe, section: str, stage_dir: Path, run_id: str | None, da
         setup(recipe)
     if run_in_store(MlflowClient(), run_id):
         return run_id
-    earlier = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=f"tags.`{RELOGGED_FROM}` = '{run_id}'",
-        output_format="list",
-        max_results=1,
-    )
-    if earlier:
-        return earlier[0].info.run_id
-    return _relog_stage(recipe, section, Path(stage_dir), run_id, dataset_dir)
+    from tasks.runtime.locks import folder_lock
+
+    with folder_lock(stage_dir, f"{section}: {stage_dir} logged into this store"):  # by one of two concurrent runs
+        earlier = mlflow.search_runs(
+            search_all_experiments=True,
+            filter_string=f"tags.`{RELOGGED_FROM}` = '{run_id}'",
+            output_format="list",
+            max_results=1,
+        )
+        if earlier:
+            return earlier[0].info.run_id
+        return _relog_stage(recipe, section, Path(stage_dir), run_id, dataset_dir)
 
 
 def _relog_stage(recipe, section: str, stage_dir: Path, run_id: str, dataset_dir: Path | None) -> str:

@@ -29,7 +29,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tasks.registry.tracking import git_sha, log_model_folder, stage_run_here
+from tasks.registry.tracking import git_sha, log_model_folder, stage_run_here, store_lock
+from tasks.runtime.faults import fault_point
 from tasks.runtime.retries import retry_on_transient_io
 
 log = logging.getLogger(__name__)
@@ -166,20 +167,25 @@ def register_models(recipe, results: dict, eval_metrics: dict, dataset_dir: Path
         "promote_gates": recipe.promote.model_dump_json(),
         **_metric_tags(eval_metrics),
     }
+    # A reused stage may name a run of another tracking store: it is logged into this one first (under its
+    # folder's lock, so before the store's: one order of the two locks everywhere).
+    here = lambda s, r: stage_run_here(recipe, s, Path(r.model_dir).parent, r.run_id, dataset_dir)
+    run_ids = {s: here(s, r) for s, r in results.items()}
     versions = {}
-    for stage, result in results.items():
-        name = registered_name(recipe.name, stage)
-        # A reused stage may name a run of another tracking store: it is logged into this one first.
-        run_id = stage_run_here(recipe, stage, Path(result.model_dir).parent, result.run_id, dataset_dir)
-        version, new = register_stage(client, name, stage, Path(result.model_dir), run_id, dict(common))
-        if not new:  # a reused stage or a retried flow run: promotion must read this run's evaluation
-            write_evaluation_tags(client, name, version, common)
-        if ROLLED_BACK_TAG in client.get_model_version(name, str(version)).tags:  # reused stages, rolled back
-            log.info("%s version %s was rolled back from champion: not a candidate again", name, version)
-        else:
-            client.set_registered_model_alias(name, CANDIDATE, str(version))
-            log.info("%s version %s %s; alias candidate", name, version, "registered" if new else "already registered")
-        versions[stage] = version
+    with store_lock("register"):  # two runs of one stage content (concurrent, or a re-run): one version, not two
+        for stage, result in results.items():
+            name = registered_name(recipe.name, stage)
+            version, new = register_stage(client, name, stage, Path(result.model_dir), run_ids[stage], dict(common))
+            if new:
+                fault_point("register.after_version")  # crash tests only (tasks/runtime/faults.py)
+            else:  # a reused stage or a retried flow run: promotion must read this run's evaluation
+                write_evaluation_tags(client, name, version, common)
+            if ROLLED_BACK_TAG in client.get_model_version(name, str(version)).tags:  # reused stages, rolled back
+                print(f"{name} version {version}: rolled back from champion before, not a candidate again")
+            else:
+                client.set_registered_model_alias(name, CANDIDATE, str(version))
+                print(f"{name} version {version}: {'registered' if new else 'already registered'}; alias candidate")
+            versions[stage] = version
     return versions
 
 
@@ -279,7 +285,13 @@ def promote_version(name: str, version: int | None, config=None) -> dict:
 
     ``config`` is the recipe's ``promote`` section; without it, the gates the version was registered with
     (tag ``promote_gates``). Returns the decision record, also written to the version (tags + artifact).
+    One decision at a time per store: two runs promoting one version would both see no champion and both move it.
     """
+    with store_lock(f"promote {name}"):
+        return _judge_and_move(name, version, config)
+
+
+def _judge_and_move(name: str, version: int | None, config) -> dict:
     from schemas.eval_config import PromoteConfig
     from tasks.registry.gates import champion_reference, decide
 

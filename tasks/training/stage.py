@@ -26,6 +26,8 @@ import pyarrow.parquet as pq
 from schemas.hashing import content_hash
 from schemas.recipe import PROJECT_ROOT
 from tasks.registry import tracking
+from tasks.runtime.faults import checkpoint_callbacks
+from tasks.runtime.locks import folder_lock
 from tasks.training.examples import examples_for, fit_to_length, read_sft_sources, to_dataset
 from tasks.training.models import (
     TINY,
@@ -426,7 +428,7 @@ def train(
         args=config,
         train_dataset=data["train"],
         processing_class=tokenizer,
-        callbacks=[step_metrics, *callbacks],
+        callbacks=[step_metrics, *callbacks, *checkpoint_callbacks(method.section)],  # faults: crash tests only
         peft_config=peft_config(cfg.lora, task_type, added_token_ids(tokenizer)),
     )
     if "eval" in data:
@@ -445,6 +447,9 @@ def train(
 
     trainer.remove_callback(PrinterCallback)  # per-step dicts go to MLflow, not stdout
     resume = last_checkpoint(checkpoints)
+    if resume:  # a run that died here left a checkpoint: say where this one picks up
+        of = f" of {config.max_steps}" if config.max_steps > 0 else ""
+        print(f"{method.section}: resuming from {resume} (step {resume.rsplit('-', 1)[1]}{of})", flush=True)
     try:
         if resume and checkpoint_is_final(resume, config.max_steps):
             finish_from_checkpoint(trainer, resume)
@@ -495,9 +500,18 @@ def train_stage(
     base = resolve_base(recipe, section, dataset_dir, base_model, stage_root)
     stage_dir = stage_root / f"{section}-{training_stage_key(recipe, method, dataset_dir, base, extra_train, inputs)}"
     done = finished(stage_dir)
-    if done is not None:
-        run_id = tracking.stage_run_here(recipe, section, stage_dir, done["run_id"], dataset_dir)  # store changed?
-        return StageResult(section, stage_dir / "model", done["metrics"], run_id, reused=True)
+    if done is None:  # one run trains a folder at a time: a concurrent run of this stage waits, then reuses it
+        with folder_lock(stage_dir, f"{section}: stage {stage_dir}"):
+            if (done := finished(stage_dir)) is None:
+                args = (method, recipe, dataset_dir, base, stage_dir, extra_train, callbacks, evaluate, inputs)
+                return _train_and_record(section, *args)
+    run_id = tracking.stage_run_here(recipe, section, stage_dir, done["run_id"], dataset_dir)  # store changed?
+    return StageResult(section, stage_dir / "model", done["metrics"], run_id, reused=True)
+
+
+def _train_and_record(
+    section, method, recipe, dataset_dir, base, stage_dir, extra_train, callbacks, evaluate, inputs
+) -> StageResult:
     quiet()  # imports transformers: only when the stage really trains
     stage_dir.mkdir(parents=True, exist_ok=True)
     params = {
@@ -521,7 +535,9 @@ def train_stage(
         "run_id": run_id,
         "model_dir": str(model_dir),
     }
-    (stage_dir / "result.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    partial = stage_dir / "result.json.tmp"  # renamed into place: a crash never leaves half a result.json
+    partial.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    partial.replace(stage_dir / "result.json")
     shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True) if _drop_checkpoints() else None
     return StageResult(section, model_dir, metrics, run_id)
 
