@@ -51,6 +51,20 @@ def score(
     return result
 
 
+def check_model(model: str) -> None:
+    """The model URI names something in the tracking store (a missing name, version or alias is one line)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tasks.serving.scoring import resolve_model
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(None))
+    try:
+        resolve_model(model)
+    except MlflowException as e:
+        raise ValueError(f"--model {model}: {e.message}") from None
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m flows.score", description=score.__doc__)
     parser.add_argument("--model", required=True, help="e.g. models:/tiny-reward@candidate, models:/tiny-reward/3")
@@ -61,22 +75,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--experiment", default="align-score", help="MLflow experiment of the scoring run")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N rows of the file")
     args = parser.parse_args(argv)
-    from mlflow.exceptions import MlflowException
+    from scripts.cli import run_command  # the command layer: checks, Prefect mode, one-line errors
 
-    try:
-        result = score(
-            model=args.model,
-            input_file=args.input,
-            output=args.output,
-            input_format=args.format,
-            batch_size=args.batch_size,
-            experiment=args.experiment,
-            limit=args.limit,
+    def check() -> None:  # a missing file or model fails in one line before Prefect starts
+        if not Path(args.input).is_file():
+            raise FileNotFoundError(f"--input {args.input}: no such file")
+        check_model(args.model)
+
+    done: dict = {}
+
+    def work() -> None:
+        done.update(
+            score(
+                model=args.model,
+                input_file=args.input,
+                output=args.output,
+                input_format=args.format,
+                batch_size=args.batch_size,
+                experiment=args.experiment,
+                limit=args.limit,
+            )
         )
-    except (ValueError, FileNotFoundError, MlflowException) as e:
-        raise SystemExit(f"error: {e}") from None
-    print(json.dumps({k: v for k, v in result.items() if k != "markdown"}, indent=1, default=str))
-    return result
+        print(json.dumps({k: v for k, v in done.items() if k != "markdown"}, indent=1, default=str))
+
+    run_command(check, work)
+    return done
 
 
 if __name__ == "__main__":

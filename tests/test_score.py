@@ -112,6 +112,7 @@ def test_readme_score_commands_run_as_flows_with_a_prefect_artifact(registered, 
     commands = readme_commands("python -m flows.score")
     assert len(commands) == 2
     monkeypatch.chdir(ROOT)  # the README's paths are relative to the checkout
+    monkeypatch.setenv("ALIGN_STATE", str(tmp_path / "state"))  # never a `make up` server of this checkout
     for words in commands:
         argv = [str(tmp_path / Path(w).name) if w.startswith("scores/") else w for w in words[3:]]
         result = main(argv)
@@ -128,3 +129,18 @@ def test_readme_score_commands_run_as_flows_with_a_prefect_artifact(registered, 
 
     found = asyncio.run(artifacts())
     assert len(found) >= 2 and "pairwise_accuracy" in "".join(a.data for a in found)
+
+
+def test_score_command_missing_model_or_file_fails_in_one_line_before_prefect(registered, tmp_path, capsys):
+    from flows.score import main
+
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi", "answer": "Hello"}) + "\n")
+    for argv, said in (
+        (["--model", "models:/tiny-reward@nope", "--input", str(path)], "--model models:/tiny-reward@nope: "),
+        (["--model", "models:/tiny-reward/1", "--input", str(tmp_path / "missing.jsonl")], "no such file"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and said in err and "Traceback" not in err and "prefect:" not in err
