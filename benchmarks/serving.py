@@ -67,7 +67,7 @@ def log_once(folder: Path, method: str) -> dict:
                     code_paths=pyfunc.python_sources(Path(code)),
                     signature=pyfunc.POLICY_SIGNATURE if kind == pyfunc.POLICY else pyfunc.REWARD_SIGNATURE,
                     input_example=pyfunc.POLICY_EXAMPLE if kind == pyfunc.POLICY else pyfunc.REWARD_EXAMPLE,
-                    pip_requirements=pyfunc.project_requirements(),
+                    pip_requirements=list(pyfunc.project_requirements()),
                 )
         seconds = time.perf_counter() - started
     return {

@@ -22,7 +22,9 @@ copy the folder into a temporary model directory first and load the model to val
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -192,8 +194,10 @@ def model_kind(model_dir: Path) -> str:
     raise FileNotFoundError(f"{model_dir}: not an HF model folder (no config.json or adapter_config.json)")
 
 
-def project_requirements() -> list[str]:
-    """The project's runtime dependencies, each pinned to the version installed here (no inference)."""
+@functools.cache
+def project_requirements() -> tuple[str, ...]:
+    """The project's runtime dependencies, each pinned to the version installed here (no inference; read once
+    per process: the installed set does not change under a running process)."""
     from importlib import metadata
 
     from packaging.requirements import Requirement
@@ -206,7 +210,7 @@ def project_requirements() -> list[str]:
         declared = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
             "dependencies"
         ]
-    pins = []
+    pins: list[str] = []
     for line in declared:
         req = Requirement(line)
         if req.marker is not None:  # extras (dev tools)
@@ -217,7 +221,7 @@ def project_requirements() -> list[str]:
             pins.append(str(req))
             continue
         pins.append(f"{req.name}=={version}")
-    return pins
+    return tuple(pins)
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -235,6 +239,14 @@ def python_sources(root: Path) -> list[str]:
     return [str(root / package) for package in CODE_PACKAGES]
 
 
+@functools.cache
+def shipped_sources() -> tuple[str, ...]:
+    """``python_sources`` once per process (the code a process runs does not change under it), removed at exit."""
+    root = Path(tempfile.mkdtemp(prefix="align-code-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return tuple(python_sources(root))
+
+
 def save_wrapper(model_dir: Path, path: Path) -> str:
     """The MLflow part of the model at ``path`` (no HF files: they are uploaded on their own); its kind."""
     from mlflow.models import Model
@@ -248,10 +260,10 @@ def save_wrapper(model_dir: Path, path: Path) -> str:
             path=str(path),
             python_model=PolicyPyfunc() if kind == POLICY else RewardPyfunc(),
             artifacts={HF_KEY: str(placeholder)},
-            code_paths=python_sources(staging / "code"),
+            code_paths=list(shipped_sources()),
             signature=POLICY_SIGNATURE if kind == POLICY else REWARD_SIGNATURE,
             input_example=POLICY_EXAMPLE if kind == POLICY else REWARD_EXAMPLE,
-            pip_requirements=project_requirements(),
+            pip_requirements=list(project_requirements()),
             metadata={"align_kind": kind, "hf_subpath": HF_SUBPATH},
         )
     finally:
