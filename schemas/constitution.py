@@ -144,7 +144,7 @@ def load_constitution(path: str | Path) -> Constitution:
     return parse_constitution(data, str(path), stem=path.stem)
 
 
-# The CAI stage's trace table (its pairs and SFT rows use schemas.preference PREFERENCE_SCHEMA / SFT_SCHEMA).
+# The CAI stage's trace table (pairs: PREFERENCE_SCHEMA, SFT rows: schemas.sft SFT_SCHEMA).
 # One row per prompt, accepted or not: the full trace (row_id is `source_row` on the other tables).
 CAI_SAMPLES_SCHEMA = pa.schema(
     [

@@ -7,7 +7,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # The adapter names; tasks/data/sources/formats.py registers exactly these (a test keeps the two in step).
-SourceFormat = Literal["hh-rlhf", "orca_dpo_pairs", "ultrafeedback", "ultrafeedback_binarized", "generic"]
+SourceFormat = Literal[
+    "hh-rlhf", "orca_dpo_pairs", "ultrafeedback", "ultrafeedback_binarized", "generic", "sft", "unpaired"
+]
 
 
 def repeated(values: list) -> list:
@@ -67,6 +69,8 @@ FORMAT_OPTIONS: dict[str, type[Strict]] = {
     "ultrafeedback": UltraFeedbackOptions,
     "ultrafeedback_binarized": BinarizedOptions,
     "generic": NoOptions,
+    "sft": NoOptions,  # SFT conversations (schemas/sft.py): the row shape is detected per row
+    "unpaired": NoOptions,  # unpaired feedback (schemas/unpaired.py): prompt/completion/label or messages/label
 }
 
 
@@ -78,6 +82,12 @@ class SourceConfig(Strict):
     limit: int | None = Field(None, gt=0, description="read at most this many rows (the first ones)")
     weight: float = Field(1.0, gt=0, le=1, description="fraction of this source's rows kept (seeded by row id)")
     options: dict = Field(default_factory=dict, description="format-specific options")
+    split: Literal["validation", "test"] | None = Field(
+        None,
+        description="keep the source's own held-out split (e.g. ultrafeedback_binarized test_prefs): every row "
+        "goes to this split, none is re-split, and rows of any table opening with one of its prompts follow it; "
+        "the hash split then draws no rows into that split",
+    )
 
     @model_validator(mode="after")
     def check_exactly_one_location(self):
@@ -121,7 +131,12 @@ class LengthLimits(Strict):
 
 class DataConfig(Strict):
     output_dir: str = "data"
-    test_fraction: float = Field(0.1, gt=0, lt=1, description="share of prompts held out for the evaluate stage")
+    test_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="share of prompts held out for the evaluate stage (unused when a source brings its test split)",
+    )
     validation_fraction: float = Field(
         0.1,
         ge=0.01,
@@ -146,6 +161,10 @@ class DataConfig(Strict):
         0.05, ge=0, lt=1, description="allowed |share - fraction| of the test and validation splits (contract)"
     )
     contract: str = Field("data_contracts/preference.yaml", description="expectation suite for the splits")
+    sft_contract: str = Field("data_contracts/sft.yaml", description="expectation suite of the sft table")
+    unpaired_contract: str = Field(
+        "data_contracts/unpaired.yaml", description="expectation suite of the unpaired table"
+    )
 
     @model_validator(mode="after")
     def check_holdout_fractions(self):

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, field_validator
 
-SCHEMA_VERSION = "1"
+# 2: the quarantine table names the canonical table a row was kept out of (`table`); sft/ and unpaired/ tables
+SCHEMA_VERSION = "2"
 
 ROLES = ("system", "user", "assistant")
 
@@ -39,23 +40,11 @@ PREFERENCE_SCHEMA = pa.schema(
     metadata={"align.schema_version": SCHEMA_VERSION},
 )
 
-# SFT-only rows (TRL's conversational `messages` format), e.g. CAI revisions; `source` and `source_row`
-# trace them as on preference rows.
-SFT_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("source_row", pa.int64(), nullable=False),
-        pa.field("messages", MESSAGES, nullable=False),
-        pa.field("prompt_hash", pa.string(), nullable=False),
-    ],
-    metadata={"align.schema_version": SCHEMA_VERSION},
-)
-
 QUARANTINE_SCHEMA = pa.schema(
     [
         pa.field("source", pa.string(), nullable=False),
         pa.field("source_row", pa.int64(), nullable=False),
+        pa.field("table", pa.string(), nullable=False),  # preference | sft | unpaired (schemas/tables.py)
         pa.field("reason", pa.string(), nullable=False),
         pa.field("detail", pa.string(), nullable=False),
         pa.field("raw", pa.string(), nullable=False),
@@ -138,12 +127,15 @@ def _serialise(messages: list[dict]) -> str:
     return "".join(f"{m['role']}\0{len(m['content'])}\0{m['content']}" for m in messages)
 
 
+def messages_id(*lists: list[dict], suffix: str = "") -> str:
+    """Hash of message lists in order (each prefixed by its length), then ``suffix``: the content id of a
+    canonical row of any table (``suffix`` carries a non-message field, e.g. an unpaired row's label)."""
+    return _digest("".join(f"{len(m)}\0{_serialise(m)}" for m in lists) + suffix)
+
+
 def content_id(prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> str:
     """Deterministic id of a preference row: hash of its exact (prompt, chosen, rejected)."""
-    return _digest(
-        f"{len(prompt)}\0{_serialise(prompt)}{len(chosen)}\0{_serialise(chosen)}"
-        f"{len(rejected)}\0{_serialise(rejected)}"
-    )
+    return messages_id(prompt, chosen, rejected)
 
 
 def normalise_prompt_text(text: str) -> str:
@@ -169,11 +161,15 @@ def prompt_hash(prompt: list[dict]) -> str:
 
 def content_ids(prompt: pa.ListArray, chosen: pa.ListArray, rejected: pa.ListArray) -> list[str]:
     """:func:`content_id` of every row of three ``MESSAGES`` arrays (no nulls; text must be valid UTF-8)."""
+    return messages_ids(prompt, chosen, rejected)
+
+
+def messages_ids(*lists: pa.ListArray, suffix: pa.Array | None = None) -> list[str]:
+    """:func:`messages_id` of every row of ``MESSAGES`` arrays (no nulls; valid UTF-8), ``suffix`` a string array."""
     sides = [
-        pc.binary_join_element_wise(pc.cast(pc.list_value_length(a), pa.string()), _serialised(a), "\0")
-        for a in (prompt, chosen, rejected)
+        pc.binary_join_element_wise(pc.cast(pc.list_value_length(a), pa.string()), _serialised(a), "\0") for a in lists
     ]
-    return _digests(pc.binary_join_element_wise(*sides, ""))
+    return _digests(pc.binary_join_element_wise(*sides, *([suffix] if suffix is not None else []), ""))
 
 
 def prompt_hashes(prompt: pa.ListArray) -> list[str]:

@@ -118,6 +118,8 @@ def resolve_paths(recipe: Recipe, recipe_path: Path) -> Recipe:
             src.path = find_file(src.path, recipe_path)
     recipe.data.decontaminate = [find_file(p, recipe_path) for p in recipe.data.decontaminate]
     recipe.data.contract = find_file(recipe.data.contract, recipe_path)
+    recipe.data.sft_contract = find_file(recipe.data.sft_contract, recipe_path)
+    recipe.data.unpaired_contract = find_file(recipe.data.unpaired_contract, recipe_path)
     recipe.cai.constitution = find_file(recipe.cai.constitution, recipe_path)
     if recipe.evaluate.safety_prompts:
         recipe.evaluate.safety_prompts = find_file(recipe.evaluate.safety_prompts, recipe_path)

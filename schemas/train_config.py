@@ -67,15 +67,11 @@ class StageConfig(Strict):
         return args
 
 
-class SFTSource(Strict):
-    """An SFT-only file: .jsonl/.parquet rows with ``messages``, or canonical preference rows (prompt+chosen)."""
-
-    path: str
-    limit: int | None = Field(None, gt=0)
-
-
 class SFTStage(StageConfig):
-    extra_sources: list[SFTSource] = Field(default_factory=list, description="SFT-only message sources")
+    """SFT trains on the dataset's sft table (``format: sft`` sources, data/<version>/sft/) and, with
+    ``from_pairs``, on prompt + chosen answer of every preference pair."""
+
+    from_pairs: bool = Field(True, description="also train on prompt + chosen of the preference pairs")
 
 
 class RewardStage(StageConfig):

@@ -40,16 +40,19 @@ def test_data_docs_index_lists_every_validation_result_offline_in_chromium(tiny_
     docs = tiny_dataset / "data_docs"
     browser.open((docs / "index.html").as_uri())
     assert browser.blocked == [] and browser.errors == [], (browser.blocked, browser.errors)
+    # 12 results: bootstrap-table pages them by 10; one page of 100 shows every row to read
+    assert browser.evaluate("($('#Validation-Results table').bootstrapTable('refreshOptions', {pageSize: 100}), 1)")
     hrefs = browser.evaluate(
         "Array.from(document.querySelectorAll('#Validation-Results table tbody tr')).map(tr => tr.dataset.href)"
     )
     on_disk = {p.relative_to(docs).as_posix() for p in (docs / "validations").rglob("*.html")}
     views = {v for v in ("rows", "splits", "sources", "quarantine")}
-    assert len(on_disk) == len(views) and set(hrefs) == on_disk
+    tables = ("preference", "sft", "unpaired")  # one site: every canonical table's suite
+    assert len(on_disk) == len(views) * len(tables) and set(hrefs) == on_disk
     suites = browser.evaluate(
         "Array.from(document.querySelectorAll('#Validation-Results tbody td a')).map(a => a.textContent.trim())"
     )
-    assert sorted(suites) == sorted(f"preference.{v}" for v in views)
+    assert sorted(suites) == sorted(f"{t}.{v}" for t in tables for v in views)
     assert BOOTSTRAP_FONT in browser.evaluate("getComputedStyle(document.body).fontFamily")
     assert browser.evaluate("document.fonts.check('900 16px \"Font Awesome 6 Free\"')") is True
     link = browser.evaluate(f"document.querySelector('a[href=\"{QUARANTINE_PAGE}\"]').href")
@@ -77,9 +80,11 @@ def test_quarantine_page_counts_per_source_and_reason_with_sample_details(tiny_d
     assert per_source == {
         s: [c["read"], c["accepted"], c["quarantined"]] for s, c in manifest["counts"]["per_source"].items()
     }
-    reasons = {(s, r): int(n) for s, r, n in browser.evaluate(cells.format("reasons"))}
+    found = browser.evaluate(cells.format("reasons"))
+    reasons = {(s, r): int(n) for s, r, n, _ in found}
     expected = {(s, r): n for s, per in manifest["counts"]["quarantine_reasons"].items() for r, n in per.items()}
     assert reasons == expected and len(expected) >= 5
+    assert {(s, t) for s, _, _, t in found} == {(s, manifest["counts"]["per_source"][s]["table"]) for s, _ in expected}
     text = browser.evaluate("document.body.innerText")
     assert "hh-rlhf.jsonl:180: chosen: no '\\n\\nHuman: ' marker" in text  # a sample row's detail
     assert BOOTSTRAP_FONT in browser.evaluate("getComputedStyle(document.body).fontFamily")

@@ -85,7 +85,8 @@ def test_build_dataset_tiny_writes_version_with_reconciled_counts(tiny_dataset):
     assert q.schema.equals(QUARANTINE_SCHEMA, check_metadata=False)
     for src, c in m["counts"]["per_source"].items():
         assert c["read"] == c["accepted"] + c["quarantined"], src
-    assert sum(c["read"] for c in m["counts"]["per_source"].values()) == 2 + 180 + 61 + 39 + 40 + 80 - 2
+    # the five preference demo files, then the sft (65 rows) and unpaired (63) ones
+    assert sum(c["read"] for c in m["counts"]["per_source"].values()) == 2 + 180 + 61 + 39 + 40 + 80 - 2 + 65 + 63
     reasons = {r for per in m["counts"]["quarantine_reasons"].values() for r in per}
     assert {"duplicate", "missing_marker", "identical_sides", "tie", "contaminated"} <= reasons
     decon = m["counts"]["decontamination"]  # per source; demo hh rows open with an eval prompt, then go on
@@ -170,7 +171,12 @@ def test_build_dataset_10mb_row_quarantined_too_long_and_nothing_lost(tmp_path):
     q = pq.read_table(ds.path / "quarantine.parquet").to_pylist()
     assert [(x["source_row"], x["reason"]) for x in q] == [(7, "too_long")]
     assert "10000000 chars > max_chars=32000" in q[0]["detail"]
-    assert ds.manifest["counts"]["per_source"]["g"] == {"read": 61, "accepted": 60, "quarantined": 1}
+    assert ds.manifest["counts"]["per_source"]["g"] == {
+        "table": "preference",
+        "read": 61,
+        "accepted": 60,
+        "quarantined": 1,
+    }
 
 
 @pytest.mark.slow

@@ -34,11 +34,11 @@ from schemas.hashing import content_hash
 from schemas.preference import (
     PREFERENCE_SCHEMA,
     QUARANTINE_SCHEMA,
-    SFT_SCHEMA,
     Reason,
     content_id,
     normalise_prompt_text,
 )
+from schemas.sft import SFT_SCHEMA
 from tasks.cai.prompts import CAIPrompt, cai_prompts
 from tasks.training.generation import Generator, GenOutput
 
@@ -231,6 +231,7 @@ def build_tables(samples: list[CAISample]) -> CAITables:
                 {
                     "source": src,
                     "source_row": s.row_id,
+                    "table": "sft",  # the revision (an SFT row, and the chosen side of its pair) was rejected
                     "reason": verdict[0].value,
                     "detail": verdict[1],
                     "raw": json.dumps(raw, ensure_ascii=False),

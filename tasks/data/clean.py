@@ -1,4 +1,5 @@
-"""Cleaning: normalise, filter, dedupe and decontaminate canonical rows; every dropped row is quarantined.
+"""Cleaning: normalise, filter, dedupe and decontaminate canonical rows of any table (preference, sft, unpaired:
+``schemas/tables.py``); every dropped row is quarantined, naming its table.
 
 Policy (one place, documented):
 - Unicode: message text is put in the recipe's normal form (NFC by default: canonically equivalent
@@ -6,8 +7,9 @@ Policy (one place, documented):
 - Whitespace: never stripped or collapsed in stored text. Leading spaces of answers stay (orca's rejected
   answers start with one). Whitespace only matters to the *checks*: a turn that is empty after trimming is
   an empty turn, and two answers that differ only in whitespace are identical sides.
-- Rules, first failing one wins, in this order: empty turn, identical sides, too short / too long
-  (characters per turn; tokens of prompt + longer answer when a tokenizer is configured), exact duplicate
+- Rules, first failing one wins, in this order: empty turn, identical sides (preference only), too short / too
+  long (characters per turn; tokens of prompt + longer answer, or of every turn of an sft / unpaired row, when a
+  tokenizer is configured), exact duplicate
   (same content id; the first occurrence in source order is kept), contaminated (any user turn matches
   an evaluation prompt, normalised as in `schemas.preference.normalise_prompt_text`, exactly or, with
   `data.decontaminate_ngram`, by a shared word run: tasks/data/decontaminate.py).
@@ -30,34 +32,32 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.data_config import DataConfig
-from schemas.preference import (
-    PREFERENCE_SCHEMA,
-    QUARANTINE_SCHEMA,
-    Reason,
-    collapse_whitespace,
-    content_id,
-    prompt_hash,
-    render_messages,
-)
+from schemas.preference import QUARANTINE_SCHEMA, Reason, collapse_whitespace, prompt_hash, render_messages
+from schemas.tables import PREFERENCE, Table, get_table
 from tasks.data.decontaminate import Decontaminator, counts_per_source
 from tasks.data.decontaminate import read_eval_prompts as read_eval_prompts  # where evaluation code imports it
 
-SIDES = ("prompt", "chosen", "rejected")
+SIDES = PREFERENCE.messages  # ("prompt", "chosen", "rejected")
 
 
 @dataclass
 class CleanResult:
-    accepted: pa.Table  # PREFERENCE_SCHEMA
+    accepted: pa.Table  # the table's schema
     quarantine: pa.Table  # QUARANTINE_SCHEMA
     decontamination: dict = field(default_factory=dict)  # per source: rows, contaminated, exact, ngram, ...
 
 
 def clean_rows(
-    table: pa.Table, cfg: DataConfig, eval_prompts: Iterable[str] | Decontaminator = (), tokenizer=None
+    table: pa.Table,
+    cfg: DataConfig,
+    eval_prompts: Iterable[str] | Decontaminator = (),
+    tokenizer=None,
+    kind: str = "preference",
 ) -> CleanResult:
-    """Apply the cleaning policy above to canonical rows (in source order). ``eval_prompts``: texts to keep
-    out (matched as ``cfg.decontaminate_ngram`` says), or a ready :class:`Decontaminator`."""
-    table = normalise_unicode(table, cfg.unicode_form)
+    """Apply the cleaning policy above to canonical rows of table ``kind`` (in source order). ``eval_prompts``:
+    texts to keep out (matched as ``cfg.decontaminate_ngram`` says), or a ready :class:`Decontaminator`."""
+    spec = get_table(kind)
+    table = normalise_unicode(table, cfg.unicode_form, spec)
     n = table.num_rows
     reasons = np.full(n, None, dtype=object)
     details = np.full(n, None, dtype=object)
@@ -68,18 +68,15 @@ def clean_rows(
             reasons[i] = reason.value
             details[i] = detail_fn(int(i))
 
-    for side in SIDES:
-        empty = _per_row_any(table[side], _blank, n)
-        mark(empty, Reason.EMPTY_TURN, lambda i, s=side: f"{s} has an empty or whitespace-only turn")
+    for side in spec.messages:
+        empty, where = _first_blank_turn(table[side], n)
+        mark(empty, Reason.EMPTY_TURN, lambda i, s=side, w=where: f"{s} has an empty or whitespace-only turn{w[i]}")
 
-    chosen_txt, rejected_txt = render_messages(table["chosen"]), render_messages(table["rejected"])
-    exact = pc.equal(chosen_txt, rejected_txt).to_numpy(zero_copy_only=False)
-    mark(exact, Reason.IDENTICAL_SIDES, lambda i: "chosen and rejected are identical")
-    loose = _equal_up_to_whitespace(chosen_txt, rejected_txt)
-    mark(loose, Reason.IDENTICAL_SIDES, lambda i: "chosen and rejected differ only in whitespace")
+    if spec is PREFERENCE:
+        _mark_identical_sides(table, mark)
 
     lim = cfg.lengths
-    for side in SIDES:
+    for side in spec.messages:
         lengths = _per_row_lengths(table[side], n)
         mark(
             lengths[0] < lim.min_chars,
@@ -92,33 +89,43 @@ def clean_rows(
             lambda i, s=side, m=lengths[1]: f"{s} has a turn of {m[i]} chars > max_chars={lim.max_chars}",
         )
     if lim.max_tokens is not None:
-        tokens = token_lengths(table, tokenizer)
+        tokens = token_lengths(table, tokenizer, spec)
+        what = "prompt + longer answer" if spec is PREFERENCE else "the conversation"
         mark(
             tokens > lim.max_tokens,
             Reason.TOO_LONG,
-            lambda i: f"prompt + longer answer is {tokens[i]} tokens > max_tokens={lim.max_tokens}",
+            lambda i: f"{what} is {tokens[i]} tokens > max_tokens={lim.max_tokens}",
         )
 
     _mark_duplicates(table, reasons, details)
 
     if not isinstance(eval_prompts, Decontaminator):
         eval_prompts = Decontaminator.from_prompts(eval_prompts, cfg.decontaminate_ngram)
-    verdicts = eval_prompts.match(table["prompt"])
+    verdicts = eval_prompts.match(spec.prompts(table))
     mark(verdicts.kind != None, Reason.CONTAMINATED, lambda i: verdicts.detail[i])  # noqa: E711
     decontamination = counts_per_source(table["source"], verdicts, reasons == Reason.CONTAMINATED.value)
 
     bad = reasons != None  # noqa: E711
     accepted = table.filter(pa.array(~bad))
-    return CleanResult(accepted, quarantine_from(table, bad, reasons, details), decontamination)
+    return CleanResult(accepted, quarantine_from(table, bad, reasons, details, spec.name), decontamination)
 
 
-def normalise_unicode(table: pa.Table, form: str) -> pa.Table:
+def _mark_identical_sides(table: pa.Table, mark) -> None:
+    """Pairs whose two answers are the same, exactly or up to whitespace (no preference to learn)."""
+    chosen_txt, rejected_txt = render_messages(table["chosen"]), render_messages(table["rejected"])
+    exact = pc.equal(chosen_txt, rejected_txt).to_numpy(zero_copy_only=False)
+    mark(exact, Reason.IDENTICAL_SIDES, lambda i: "chosen and rejected are identical")
+    loose = _equal_up_to_whitespace(chosen_txt, rejected_txt)
+    mark(loose, Reason.IDENTICAL_SIDES, lambda i: "chosen and rejected differ only in whitespace")
+
+
+def normalise_unicode(table: pa.Table, form: str, spec: Table = PREFERENCE) -> pa.Table:
     """Put every message's text in the normal form; recompute ids/prompt hashes only where text changed."""
     if form == "none" or table.num_rows == 0:
         return table
     columns = {}
     changed = np.zeros(table.num_rows, dtype=bool)
-    for side in SIDES:
+    for side in spec.messages:
         arr = table[side].combine_chunks()
         flat = arr.flatten()
         content = flat.field("content")
@@ -131,9 +138,9 @@ def normalise_unicode(table: pa.Table, form: str) -> pa.Table:
         columns[side] = arr
     if not changed.any():
         return table
-    for side in SIDES:
+    for side in spec.messages:
         table = table.set_column(table.schema.get_field_index(side), side, columns[side])
-    return _rehash(table, changed)
+    return _rehash(table, changed, spec)
 
 
 def _normalise_strings(content: pa.Array, form: str) -> tuple[pa.Array, np.ndarray]:
@@ -164,16 +171,16 @@ def _all_normalized(texts: pa.Array, form: str) -> bool:
     return unicodedata.is_normalized(form, joined[0].as_py())
 
 
-def _rehash(table: pa.Table, rows: np.ndarray) -> pa.Table:
+def _rehash(table: pa.Table, rows: np.ndarray, spec: Table) -> pa.Table:
     ids, hashes = table["id"].to_pylist(), table["prompt_hash"].to_pylist()
     idx = np.flatnonzero(rows)
-    sub = table.take(pa.array(idx)).select(list(SIDES)).to_pylist()
+    sub = table.take(pa.array(idx)).select([*spec.messages, *spec.scalars]).to_pylist()
     for i, r in zip(idx, sub):
-        ids[i] = content_id(r["prompt"], r["chosen"], r["rejected"])
-        hashes[i] = prompt_hash(r["prompt"])
-    table = table.set_column(table.schema.get_field_index("id"), PREFERENCE_SCHEMA.field("id"), pa.array(ids))
+        ids[i] = spec.row_id(r)
+        hashes[i] = prompt_hash(spec.row_prompt(r))
+    table = table.set_column(table.schema.get_field_index("id"), spec.schema.field("id"), pa.array(ids))
     return table.set_column(
-        table.schema.get_field_index("prompt_hash"), PREFERENCE_SCHEMA.field("prompt_hash"), pa.array(hashes)
+        table.schema.get_field_index("prompt_hash"), spec.schema.field("prompt_hash"), pa.array(hashes)
     )
 
 
@@ -182,12 +189,21 @@ def _messages(col: pa.ChunkedArray) -> tuple[pa.ListArray, np.ndarray]:
     return arr, pc.list_parent_indices(arr).to_numpy()
 
 
-def _per_row_any(col: pa.ChunkedArray, predicate, n: int) -> np.ndarray:
+def _first_blank_turn(col: pa.ChunkedArray, n: int) -> tuple[np.ndarray, dict[int, str]]:
+    """Rows with an empty or whitespace-only turn, and for each " (turn k of m, role)" of its first such turn."""
     arr, parents = _messages(col)
-    hits = predicate(arr.flatten().field("content")).to_numpy(zero_copy_only=False)
-    out = np.zeros(n, dtype=bool)
-    out[parents[hits]] = True
-    return out
+    flat = arr.flatten()
+    hits = np.flatnonzero(_blank(flat.field("content")).to_numpy(zero_copy_only=False))
+    out, where = np.zeros(n, dtype=bool), {}
+    if len(hits):
+        offsets = pc.subtract(arr.offsets, arr.offsets[0]).to_numpy()
+        roles = flat.field("role").take(pa.array(hits, pa.int64())).to_pylist()
+        for j, role in zip(hits.tolist(), roles):
+            row = int(parents[j])
+            if not out[row]:
+                out[row] = True
+                where[row] = f" (turn {j - offsets[row] + 1} of {offsets[row + 1] - offsets[row]}, {role})"
+    return out, where
 
 
 def _per_row_lengths(col: pa.ChunkedArray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -239,14 +255,15 @@ def _mark_duplicates(table: pa.Table, reasons: np.ndarray, details: np.ndarray) 
             details[i] = f"same content as {sources[j]} row {rows[j]} (id {row_id})"
 
 
-def token_lengths(table: pa.Table, tokenizer) -> np.ndarray:
-    """Tokens of prompt + the longer answer (message texts concatenated; template tokens not counted)."""
+def token_lengths(table: pa.Table, tokenizer, spec: Table = PREFERENCE) -> np.ndarray:
+    """Tokens of prompt + the longer answer (preference), or of every turn (sft, unpaired): message texts
+    concatenated; template tokens not counted."""
     if tokenizer is None:
         raise ValueError("data.lengths.max_tokens is set but no tokenizer was loaded")
     out = []
-    for side_texts in zip(*(_side_texts(table[s]) for s in SIDES)):
-        p, c, r = (len(x) for x in tokenizer(list(side_texts), add_special_tokens=False)["input_ids"])
-        out.append(p + max(c, r))
+    for side_texts in zip(*(_side_texts(table[s]) for s in spec.messages)):
+        lengths = [len(x) for x in tokenizer(list(side_texts), add_special_tokens=False)["input_ids"]]
+        out.append(lengths[0] + max(lengths[1:]) if spec is PREFERENCE else sum(lengths))
     return np.array(out, dtype=np.int64)
 
 
@@ -255,13 +272,16 @@ def _side_texts(col: pa.ChunkedArray) -> list[str]:
     return pc.binary_join(pa.ListArray.from_arrays(arr.offsets, arr.flatten().field("content")), "\n").to_pylist()
 
 
-def quarantine_from(table: pa.Table, bad: np.ndarray, reasons: np.ndarray, details: np.ndarray) -> pa.Table:
+def quarantine_from(
+    table: pa.Table, bad: np.ndarray, reasons: np.ndarray, details: np.ndarray, kind: str = "preference"
+) -> pa.Table:
     idx = np.flatnonzero(bad)
     rows = table.take(pa.array(idx, type=pa.int64())).to_pylist()
     return pa.Table.from_pydict(
         {
             "source": [r["source"] for r in rows],
             "source_row": [r["source_row"] for r in rows],
+            "table": [kind] * len(rows),
             "reason": [reasons[i] for i in idx],
             "detail": [details[i] for i in idx],
             "raw": [json.dumps(r, ensure_ascii=False) for r in rows],

@@ -1,10 +1,12 @@
 """The four *views* a contract suite's expectations run on, derived from the canonical Arrow tables
 (vectorised; no Python loop over rows), so that every rule is one stock GX expectation on one flat column:
 
-- ``rows``: train + validation + test, one row per pair, with flat columns derived from the message lists;
-- ``splits``: one row of split sizes and the validation and test shares;
-- ``sources``: one row per source, the reconciliation counts next to the rows actually present, and the side
-  asymmetries (edge whitespace per side, length ratio);
+- ``rows``: train + validation + test, one row per canonical row, with flat columns derived from the message
+  lists (per table: ``_rows_view`` for preference pairs, ``_sft_rows_view``, ``_unpaired_rows_view``);
+- ``splits``: one row of split sizes and the validation and test shares (of the rows the hash split drew: a
+  source keeping its own split, ``counts["pinned_sources"]``, is not counted in the shares);
+- ``sources``: one row per source, the reconciliation counts next to the rows actually present, and for pairs the
+  side asymmetries (edge whitespace per side, length ratio), for unpaired rows the share labelled desirable;
 - ``quarantine``: the quarantine table as written.
 
 Each view has a ``row_ref`` column that names a row in breach messages. Run by ``tasks/data/contracts.py``.
@@ -18,7 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.preference import PREFERENCE_SCHEMA, ROLES, render_messages
+from schemas.preference import ROLES, render_messages
+from schemas.sft import without_last_turn
+from schemas.tables import get_table
 from tasks.data.split import SPLITS, split_keys
 
 VIEWS = ("rows", "splits", "sources", "quarantine")
@@ -27,21 +31,86 @@ ROW_REF = "row_ref"  # the view column that names a row in breach messages
 EDGES = ("leading_ws", "trailing_ws", "chars")  # per-answer columns of `rows`, summed per source
 
 
-def build_views(splits: dict[str, pa.Table], quarantine: pa.Table, counts: dict) -> dict[str, pa.Table]:
+def build_views(
+    splits: dict[str, pa.Table], quarantine: pa.Table, counts: dict, table: str = "preference"
+) -> dict[str, pa.Table]:
     """The four tables the suite's expectations run on (vectorised; no Python loop over rows).
-    ``splits``: train / validation / test tables (a missing one counts as empty)."""
-    tables = {name: splits.get(name, PREFERENCE_SCHEMA.empty_table()) for name in SPLITS}
-    rows = _rows_view(tables)
+    ``splits``: train / validation / test tables of canonical table ``table`` (a missing one counts as empty)."""
+    tables = {name: splits.get(name, get_table(table).schema.empty_table()) for name in SPLITS}
+    rows = {"preference": _rows_view, "sft": _sft_rows_view, "unpaired": _unpaired_rows_view}[table](tables)
     total = rows.num_rows
     sizes = {f"{name}_rows": [len(t)] for name, t in tables.items()}
-    shares = {f"{name}_share": [len(tables[name]) / total if total else float("nan")] for name in SPLITS[1:]}
+    drawn = ~np.isin(np.asarray(rows["source"].to_pylist(), dtype=object), list(counts.get("pinned_sources", [])))
+    split, n = rows["split"].to_numpy(zero_copy_only=False), int(drawn.sum())
+    shares = {
+        f"{name}_share": [int((drawn & (split == name)).sum()) / n if n else float("nan")] for name in SPLITS[1:]
+    }
     splits = pa.table({"total_rows": [total], **sizes, **shares, ROW_REF: ["splits"]})
+    extra = _side_edges if table == "preference" else _label_shares if table == "unpaired" else None
     return {
         "rows": rows,
         "splits": splits,
-        "sources": _sources_view(rows, quarantine, counts),
+        "sources": _sources_view(rows, quarantine, counts, extra),
         "quarantine": _quarantine_view(quarantine),
     }
+
+
+def _common_columns(both: pa.Table, split: np.ndarray, key_column: str) -> dict:
+    """The columns every table's rows view has: identity, provenance and split hygiene."""
+    keys = pa.array(split_keys(both[key_column]), pa.string())
+    return {
+        ROW_REF: pc.coalesce(both["id"], _source_refs(both)),
+        "split": split,
+        **{c: both[c] for c in ("id", "source", "source_row", "prompt_hash")},
+        "prompt_hash_other_split": _in_other_split(both["prompt_hash"].combine_chunks(), split),
+        "split_key_other_split": _in_other_split(keys, split),
+    }
+
+
+def _char_range(*stats: dict) -> dict:
+    turn_min = np.minimum.reduce([s["min_chars"] for s in stats])
+    turn_max = np.maximum.reduce([s["max_chars"] for s in stats])
+    return {"min_turn_chars": np.where(turn_min == np.iinfo(np.int64).max, 0, turn_min), "max_turn_chars": turn_max}
+
+
+def _sft_rows_view(tables: dict[str, pa.Table]) -> pa.Table:
+    """sft rows: messages_turns (null iff messages is null), roles_valid (>=1 turn, every role in ROLES),
+    last_role (of the whole conversation: the answer's, "<none>" when empty), prompt_last_role (of the turns
+    before the answer), min_turn_chars / max_turn_chars, and the split hygiene columns."""
+    both = pa.concat_tables(list(tables.values()), promote_options="permissive")
+    n, split = both.num_rows, np.repeat(np.array(SPLITS), [len(t) for t in tables.values()])
+    conversation = _turn_stats(both["messages"], n)
+    prompt = _turn_stats(pa.chunked_array([without_last_turn(both["messages"].combine_chunks())]), n)
+    return pa.table(
+        {
+            **_common_columns(both, split, "messages"),
+            "messages_turns": conversation["turns"],
+            "roles_valid": conversation["roles_in"](ROLES),
+            "last_role": conversation["last_role"],
+            "prompt_last_role": prompt["last_role"],
+            **_char_range(conversation),
+        }
+    )
+
+
+def _unpaired_rows_view(tables: dict[str, pa.Table]) -> pa.Table:
+    """unpaired rows: label, {prompt,completion}_turns, prompt_roles_valid, prompt_last_role,
+    completion_roles_valid (>=1 turn, all assistant), min_turn_chars / max_turn_chars, split hygiene."""
+    both = pa.concat_tables(list(tables.values()), promote_options="permissive")
+    n, split = both.num_rows, np.repeat(np.array(SPLITS), [len(t) for t in tables.values()])
+    prompt, completion = _turn_stats(both["prompt"], n), _turn_stats(both["completion"], n)
+    return pa.table(
+        {
+            **_common_columns(both, split, "prompt"),
+            "label": both["label"],
+            "prompt_turns": prompt["turns"],
+            "completion_turns": completion["turns"],
+            "prompt_roles_valid": prompt["roles_in"](ROLES),
+            "prompt_last_role": prompt["last_role"],
+            "completion_roles_valid": completion["roles_in"](("assistant",)),
+            **_char_range(prompt, completion),
+        }
+    )
 
 
 def _rows_view(tables: dict[str, pa.Table]) -> pa.Table:
@@ -151,8 +220,9 @@ def _identical(chosen: pa.ChunkedArray, rejected: pa.ChunkedArray, c: dict, r: d
     return identical
 
 
-def _sources_view(rows: pa.Table, quarantine: pa.Table, counts: dict) -> pa.Table:
-    """One row per source named in counts or present in the tables; missing counts read as 0."""
+def _sources_view(rows: pa.Table, quarantine: pa.Table, counts: dict, extra=None) -> pa.Table:
+    """One row per source named in counts or present in the tables; missing counts read as 0. ``extra(rows,
+    names, rows per source)`` adds per-source columns (the pairs' side asymmetries, the unpaired label share)."""
     per_source = counts.get("per_source", {})
     in_rows = _value_counts(rows["source"])
     in_quarantine = _value_counts(quarantine["source"])
@@ -160,7 +230,7 @@ def _sources_view(rows: pa.Table, quarantine: pa.Table, counts: dict) -> pa.Tabl
     got = {k: [int(per_source.get(s, {}).get(k, 0)) for s in names] for k in ("read", "accepted", "quarantined")}
     accounted = [a + q for a, q in zip(got["accepted"], got["quarantined"])]
     counts_columns = ("read", "accepted", "quarantined", "accounted", "rows_in_splits", "rows_in_quarantine")
-    edges = _side_edges(rows, names, [in_rows.get(s, 0) for s in names])
+    edges = extra(rows, names, [in_rows.get(s, 0) for s in names]) if extra else {}
     return pa.table(
         {
             ROW_REF: names,
@@ -179,6 +249,12 @@ def _sources_view(rows: pa.Table, quarantine: pa.Table, counts: dict) -> pa.Tabl
             + [(c, pa.int64() if c.endswith("_ws") else pa.float64()) for c in edges]
         ),
     )
+
+
+def _label_shares(rows: pa.Table, names: list[str], present: list[int]) -> dict[str, list]:
+    """Per source: the share of its unpaired rows labelled desirable (null without rows)."""
+    desirable = _value_counts(rows.filter(pc.fill_null(rows["label"], False))["source"])
+    return {"desirable_share": [desirable.get(s, 0) / k if k else None for s, k in zip(names, present)]}
 
 
 def _side_edges(rows: pa.Table, names: list[str], pairs: list[int]) -> dict[str, list]:

@@ -176,21 +176,20 @@ def run_contract(
     suite_path: str | Path,
     docs_dir: Path | None,
     params: dict,
+    table: str = "preference",
+    context=None,
 ) -> ContractResult:
-    """Run the suite at `suite_path` on the splits; Data Docs go to `docs_dir` (index.html) when given.
-
-    `counts` is {"per_source": {name: {"read", "accepted", "quarantined"}}}; `params` fill the suite's
-    placeholders (test_fraction, split_tolerance, min_chars, max_chars, allowed_sources, ...).
-    """
+    """Run the suite at `suite_path` on the splits of canonical `table`; Data Docs go to `docs_dir` (index.html)
+    when given, or, with a shared `context` (:func:`contract_context`: one site for every table's suite), are
+    left to :func:`build_docs`. `counts` is {"per_source": {name: {"read", "accepted", "quarantined"}}};
+    `params` fill the suite's placeholders (test_fraction, split_tolerance, min_chars, allowed_sources, ...)."""
     suite = load_suite(suite_path)
-    views = build_views(splits, quarantine, counts)
+    views = build_views(splits, quarantine, counts, table)
     total_rows = views["rows"].num_rows
     kwargs = _resolved_kwargs(suite, views, {**BUILTIN_PARAMS, **suite.params, **params}, suite_path)
-    gx_results, docs_index = _validate(suite, views, kwargs, total_rows, suite_path, docs_dir)
-    if docs_index is not None:  # local copies of the CDN assets, links rewritten, the quarantine page
-        from tasks.data.docs import finish_docs
-
-        finish_docs(docs_index.parent, quarantine, counts)
+    own, context = context is None, contract_context(docs_dir) if context is None else context
+    gx_results = _validate(context, suite, views, kwargs, total_rows, suite_path)
+    docs_index = build_docs(context, docs_dir, quarantine, counts) if own and docs_dir is not None else None
     entries = [_entry(spec, gx_results[spec.id], spec.severity_for(total_rows)) for spec in suite.expectations]
     for spec, entry in zip(suite.expectations, entries):
         if spec.report and not entry["success"]:
@@ -199,6 +198,7 @@ def run_contract(
     warnings = [e for e in entries if not e["success"] and e["severity"] == "warning"]
     summary = {
         "suite": suite.name,
+        "table": table,
         "suite_version": suite.version,
         "success": not critical,
         "totals": {
@@ -235,16 +235,29 @@ def _resolved_kwargs(suite: Suite, views: dict[str, pa.Table], values: dict, sui
     return out
 
 
-def _validate(suite: Suite, views: dict, kwargs: dict, total_rows: int, suite_path, docs_dir: Path | None):
-    """One GX suite + validation definition per view on an ephemeral context; Data Docs built once at the end.
-
-    A Checkpoint would pass the same batch parameters (one dataframe) to all its validation definitions, and
-    each view is a different frame: so each definition runs on its own and the docs are built from the
-    context's (in-memory) validation results store afterwards.
-    """
+def contract_context(docs_dir: Path | None):
+    """An ephemeral GX context whose Data Docs site (when ``docs_dir`` is given) is built by :func:`build_docs`."""
     import great_expectations as gx
 
-    context = gx.get_context(mode="ephemeral", project_config=_context_config(docs_dir))
+    return gx.get_context(mode="ephemeral", project_config=_context_config(docs_dir))
+
+
+def build_docs(context, docs_dir: Path, quarantine: pa.Table, counts: dict) -> Path:
+    """Data Docs of every suite run on ``context``, made to open offline, with the quarantine page; index.html."""
+    from tasks.data.docs import finish_docs
+
+    context.build_data_docs(site_names=[DOCS_SITE])
+    index = Path(docs_dir).resolve() / "index.html"
+    finish_docs(index.parent, quarantine, counts)  # local copies of the CDN assets, links rewritten, quarantine
+    return index
+
+
+def _validate(context, suite: Suite, views: dict, kwargs: dict, total_rows: int, suite_path) -> dict:
+    """One GX suite + validation definition per view on ``context`` (Data Docs are built from its in-memory
+    results store afterwards). A Checkpoint would pass one dataframe to all its validation definitions, and each
+    view is a different frame: so each definition runs on its own."""
+    import great_expectations as gx
+
     datasource = context.data_sources.add_or_update_pandas(name=suite.name)
     results: dict[str, Any] = {}
     for view in VIEWS:
@@ -262,10 +275,7 @@ def _validate(suite: Suite, views: dict, kwargs: dict, total_rows: int, suite_pa
         run = definition.run(batch_parameters={"dataframe": views[view].to_pandas()}, result_format=RESULT_FORMAT)
         for r in run.results:
             results[r.expectation_config.meta["contract_id"]] = r
-    if docs_dir is None:
-        return results, None
-    context.build_data_docs(site_names=[DOCS_SITE])
-    return results, Path(docs_dir).resolve() / "index.html"
+    return results
 
 
 def _gx_expectation(spec: ExpectationSpec, kwargs: dict, severity: str, suite_path):

@@ -7,8 +7,8 @@ Great Expectations writes the pages (``tasks/data/contracts.py``); :func:`finish
   copies (relative links, so the folder can move), dropping ``integrity``/``crossorigin`` (a CORS check
   fails on ``file://``; the copies are checked against the same hashes by the tests instead). A remote asset
   with no local copy is an error, so a Great Expectations upgrade cannot quietly put the CDNs back;
-- writes ``quarantine.html`` (counts per source and reason, sample rows with their detail) and links it
-  from ``index.html``. Hyperlinks (``<a href>``) to the web stay: they load nothing.
+- writes ``quarantine.html`` (counts per source and reason for every canonical table, sample rows with their
+  detail) and links it from ``index.html``. Hyperlinks (``<a href>``) to the web stay: they load nothing.
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def link_quarantine(index: Path, rows: int) -> None:
 
 
 def write_quarantine_page(docs_dir: Path, quarantine: pa.Table, counts: dict) -> Path:
-    """quarantine.html: rows per source (read / accepted / quarantined), counts per source and reason, and up
-    to SAMPLES_PER_REASON rows of each (source, reason) with source_row, detail and the start of raw."""
+    """quarantine.html: rows per source and its table (read / accepted / quarantined), counts per table, source
+    and reason, and up to SAMPLES_PER_REASON rows of each (source, reason) with source_row, detail and raw."""
     groups = _reason_counts(quarantine)
     bootstrap = url_map()["https://maxcdn.bootstrapcdn.com/bootstrap/4.3.1/css/bootstrap.min.css"]
     parts = [
@@ -130,7 +130,7 @@ def write_quarantine_page(docs_dir: Path, quarantine: pa.Table, counts: dict) ->
         "cleaning (filters, duplicates, decontamination) or, for generated data, by its checks. Every row read is "
         "accepted or here.</p>",
         _sources_table(counts, quarantine),
-        _reasons_table(groups),
+        _reasons_table(groups, _tables_of(quarantine, counts)),
     ]
     parts += [_samples(quarantine, source, reason, n) for source, reason, n in groups]
     parts.append("</div></body></html>\n")
@@ -148,6 +148,15 @@ def _reason_counts(quarantine: pa.Table) -> list[tuple[str, str, int]]:
     return sorted(rows, key=lambda r: (str(r[0]), -r[2], str(r[1])))
 
 
+def _tables_of(quarantine: pa.Table, counts: dict) -> dict[str, str]:
+    """source → the canonical table it feeds (from the counts, else its quarantine rows)."""
+    found = {s: c["table"] for s, c in counts.get("per_source", {}).items() if "table" in c}
+    if "table" in quarantine.column_names and quarantine.num_rows:
+        pairs = quarantine.select(["source", "table"]).group_by(["source", "table"]).aggregate([]).to_pylist()
+        found = {p["source"]: p["table"] for p in pairs if p["table"]} | found
+    return found
+
+
 def _anchor(source: str, reason: str) -> str:
     return "q-" + re.sub(r"[^A-Za-z0-9_-]+", "-", f"{source}-{reason}")
 
@@ -158,30 +167,32 @@ def _sources_table(counts: dict, quarantine: pa.Table) -> str:
     present = dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())) if vc else {}
     for source in present.keys() - per_source.keys():
         per_source[source] = {"quarantined": present[source]}
-    lines = []
-    for source in sorted(per_source):
+    lines, tables = [], _tables_of(quarantine, counts)
+    for source in sorted(per_source, key=lambda s: (tables.get(s) or "", s)):
         c = per_source[source]
         read, quarantined = c.get("read"), c.get("quarantined", present.get(source, 0))
         share = f"{quarantined / read:.1%}" if read else "-"
-        cells = [source, read, c.get("accepted"), quarantined, share]
+        cells = [source, read, c.get("accepted"), quarantined, share, tables.get(source)]
         lines.append("<tr>" + "".join(f"<td>{_esc('-' if v is None else v)}</td>" for v in cells) + "</tr>")
-    head = "".join(f"<th>{h}</th>" for h in ("source", "read", "accepted", "quarantined", "share quarantined"))
+    columns = ("source", "read", "accepted", "quarantined", "share quarantined", "table")
+    head = "".join(f"<th>{h}</th>" for h in columns)
     return (
         '<h2 class="h5 mt-4">Per source</h2><table class="table table-sm table-striped w-auto" id="sources">'
         f"<thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
     )
 
 
-def _reasons_table(groups: list[tuple[str, str, int]]) -> str:
+def _reasons_table(groups: list[tuple[str, str, int]], tables: dict[str, str]) -> str:
     lines = [
-        f'<tr><td>{_esc(s)}</td><td><a href="#{_anchor(s, r)}">{_esc(r)}</a></td><td>{n}</td></tr>'
+        f'<tr><td>{_esc(s)}</td><td><a href="#{_anchor(s, r)}">{_esc(r)}</a></td><td>{n}</td>'
+        f"<td>{_esc(tables.get(s, '-'))}</td></tr>"
         for s, r, n in groups
     ]
-    body = "".join(lines) or '<tr><td colspan="3">no row was quarantined</td></tr>'
+    body = "".join(lines) or '<tr><td colspan="4">no row was quarantined</td></tr>'
     return (
         '<h2 class="h5 mt-4">Per source and reason</h2><table class="table table-sm table-striped w-auto" '
-        f'id="reasons"><thead><tr><th>source</th><th>reason</th><th>rows</th></tr></thead><tbody>{body}</tbody>'
-        "</table>"
+        'id="reasons"><thead><tr><th>source</th><th>reason</th><th>rows</th><th>table</th></tr></thead>'
+        f"<tbody>{body}</tbody></table>"
     )
 
 

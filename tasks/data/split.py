@@ -10,6 +10,12 @@ that opens the same way) sits in two splits, in any table.
   the validation fraction changes), then the next ``validation_fraction`` → validation (carved from what was
   train), the rest → train. ``validation`` drives in-training evaluation and checkpoint choice; ``test`` is
   read by the evaluate stage only.
+- One split across tables (:func:`split_tables`): preference, sft and unpaired rows are keyed and drawn the same
+  way (the sft table by the first user turn of its ``messages``), so a prompt is never in train of one table and
+  test of another.
+- A source may keep its own held-out split (``sources[].split``: e.g. ultrafeedback_binarized ``test_prefs``):
+  its rows all go there, and so does every row of any table with the same key (test wins over validation);
+  the hash split then draws nothing into that split, the source's split replacing the drawn one.
 """
 
 from __future__ import annotations
@@ -64,6 +70,32 @@ def assign_splits(keys: list[str], test_fraction: float, validation_fraction: fl
 
 
 def split_rows(table: pa.Table, test_fraction: float, validation_fraction: float, seed: int) -> Splits:
-    """The canonical rows split three ways (row order kept within each split)."""
-    where = assign_splits(split_keys(table["prompt"]), test_fraction, validation_fraction, seed)
-    return Splits(*(table.filter(pa.array(where == name)) for name in SPLITS))
+    """The canonical preference rows split three ways (row order kept within each split)."""
+    return split_tables({"preference": (table, "prompt")}, test_fraction, validation_fraction, seed)["preference"]
+
+
+def split_tables(
+    tables: dict[str, tuple[pa.Table, str]],
+    test_fraction: float,
+    validation_fraction: float,
+    seed: int,
+    pinned: dict[str, str] | None = None,
+) -> dict[str, Splits]:
+    """Every table split by the one rule (module doc): ``tables`` maps a name to (rows, the ``MESSAGES`` column
+    whose first user turn is the key); ``pinned`` maps a source to the split it keeps as its own."""
+    pinned = pinned or {}
+    keys = {name: split_keys(table[column]) for name, (table, column) in tables.items()}
+    held: dict[str, str] = {}  # key → the split a pinned source holds it in
+    for name, (table, _) in tables.items():
+        for key, source in zip(keys[name], table["source"].to_pylist()):
+            if source in pinned and held.get(key) != "test":
+                held[key] = pinned[source]
+    test_draw = 0.0 if "test" in pinned.values() else test_fraction
+    validation_draw = 0.0 if "validation" in pinned.values() else validation_fraction
+    out = {}
+    for name, (table, _) in tables.items():
+        where = assign_splits(keys[name], test_draw, validation_draw, seed)
+        if held:
+            where = np.array([held.get(k, w) for k, w in zip(keys[name], where.tolist())], dtype=object)
+        out[name] = Splits(*(table.filter(pa.array(where == split)) for split in SPLITS))
+    return out

@@ -12,14 +12,8 @@ end-of-turn token, teaching the model not to stop.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from schemas.recipe import PROJECT_ROOT
 from tasks.training.templates import render_ids
 
 
@@ -41,11 +35,11 @@ def to_dataset(examples: list[dict]):
 
 
 def examples_for(data: str, rows: list[dict], sft_messages: Sequence[list[dict]] = ()) -> list[dict]:
-    """``data`` "messages": SFT prompt/completion rows (prompt + chosen of each pair, then ``sft_messages``);
-    "preference": TRL's prompt/chosen/rejected."""
+    """``data`` "messages": SFT prompt/completion rows (prompt + chosen of each pair, then ``sft_messages``, the
+    conversations of the sft table); "preference": TRL's prompt/chosen/rejected."""
     if data == "messages":
         pairs = [{"prompt": r["prompt"], "completion": r["chosen"][-1:]} for r in rows]
-        return pairs + [sft_example(m, "sft.extra_sources") for m in sft_messages]
+        return pairs + [sft_example(m, "sft table") for m in sft_messages]
     return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
 
 
@@ -61,24 +55,3 @@ def fit_to_length(tokenizer, examples: list[dict], max_length: int | None) -> tu
         return examples, 0
     kept = [e for e in examples if example_length(tokenizer, e) <= max_length]
     return kept, len(examples) - len(kept)
-
-
-def read_sft_sources(sources: list) -> list[list[dict]]:
-    """SFT-only sources: .jsonl/.parquet files with a ``messages`` column, or canonical rows (prompt+chosen)."""
-    out = []
-    for src in sources:
-        path = Path(src.path)
-        if not path.is_absolute():
-            path = PROJECT_ROOT / path
-        table = (
-            pq.read_table(path)
-            if path.suffix == ".parquet"
-            else pa.Table.from_pylist(
-                [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            )
-        )
-        for i, r in enumerate(table.to_pylist()[: src.limit]):
-            messages = r["messages"] if "messages" in r else r["prompt"] + r["chosen"]
-            sft_example(messages, f"{path} row {i}")  # fails here, naming the file and row
-            out.append(messages)
-    return out

@@ -28,7 +28,7 @@ from schemas.recipe import PROJECT_ROOT
 from tasks.registry import tracking
 from tasks.runtime.faults import checkpoint_callbacks
 from tasks.runtime.locks import folder_lock
-from tasks.training.examples import examples_for, fit_to_length, read_sft_sources, to_dataset
+from tasks.training.examples import examples_for, fit_to_length, to_dataset
 from tasks.training.models import (
     TINY,
     ModelRefError,
@@ -83,7 +83,17 @@ _LOSS = ["loss", "eval_loss"]
 # per-step curves of the online RL trainers; `kl` is logged when computed (RLOO, GRPO with beta > 0)
 RL_PLOTS = {"reward": ["reward"], "completion_length": ["completions/mean_length"], "kl": ["kl"]}
 METHODS: dict[str, Method] = {
-    "sft": Method("sft", "sft", "trl:SFTConfig", "trl:SFTTrainer", "causal", "messages", plots={"loss": _LOSS}),
+    # SFT: the sft table plus prompt + chosen of the pairs (sft.from_pairs), tasks/training/sft.py
+    "sft": Method(
+        "sft",
+        "sft",
+        "trl:SFTConfig",
+        "trl:SFTTrainer",
+        "causal",
+        "messages",
+        plots={"loss": _LOSS},
+        datasets="tasks.training.sft:sft_sets",
+    ),
     "reward": Method(
         "reward",
         "reward",
@@ -370,9 +380,8 @@ def load_for(method: Method, recipe, base: str, cfg):
 def training_sets(method: Method, cfg, tokenizer, config, dataset_dir: Path, extra_train) -> dict:
     """The train (and eval) datasets, rows longer than ``config.max_length`` dropped, with the counts."""
     max_length = config.max_length
-    sft_only = read_sft_sources(cfg.extra_sources) if method.name == "sft" else []
     train_rows = read_rows([dataset_dir / "train.parquet", *extra_train])
-    kept, dropped = fit_to_length(tokenizer, examples_for(method.data, train_rows, sft_only), max_length)
+    kept, dropped = fit_to_length(tokenizer, examples_for(method.data, train_rows), max_length)
     if not kept:
         raise StageConfigError(
             f"{method.section}: all {dropped} training rows are longer than max_length {max_length} tokens; "

@@ -1,7 +1,8 @@
-"""Raw preference sources → canonical rows (``schemas/preference.py``) + quarantine rows.
+"""Raw sources → canonical rows (``schemas/tables.py``: preference, sft, unpaired) + quarantine rows.
 
 One small module per source format (``hh_rlhf``, ``orca_dpo_pairs``, ``ultrafeedback``,
-``ultrafeedback_binarized``, ``generic``), registered in ``registry.ADAPTERS``; ``readers`` reads
+``ultrafeedback_binarized``, ``generic`` → preference; ``sft`` → sft; ``unpaired`` → unpaired), registered in
+``formats.ADAPTERS``; ``readers`` reads
 files and hub datasets; ``core.read_source`` runs a recipe source through its adapter.
 """
 

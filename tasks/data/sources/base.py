@@ -41,7 +41,9 @@ Parse = Callable[[dict, Any, "random.Random | None"], dict]
 
 @dataclass(frozen=True)
 class Adapter:
-    """A source format: ``parse(record, options, rng) -> {prompt, chosen, rejected, score_chosen, score_rejected}``.
+    """A source format: ``parse(record, options, rng) -> dict`` of the columns of its canonical ``table``
+    (``schemas/tables.py``): preference ``{prompt, chosen, rejected, score_chosen, score_rejected}``, sft
+    ``{messages}``, unpaired ``{prompt, completion, label}``.
 
     ``parse`` is pure and raises :class:`RowError` for a row it cannot map. ``options`` is the format's
     typed options model (``SourceConfig.typed_options()``). ``rng`` is a ``random.Random`` seeded per row
@@ -52,6 +54,7 @@ class Adapter:
     name: str
     parse: Parse
     needs_rng: bool = False
+    table: str = "preference"  # the canonical table its rows belong to
 
     def __call__(self, record: dict, options: Any = None, rng: random.Random | None = None) -> dict:
         return self.parse(record, options, rng)
@@ -123,6 +126,19 @@ def messages(value: Any, field: str) -> list[dict]:
             raise RowError(Reason.BAD_ROLE, f"{where}.role: {role!r} is not one of {', '.join(ROLES)}")
         out.append({"role": role, "content": require(m, "content", str, f"{where}.content")})
     return out
+
+
+def turns(record: dict, key: str, as_role: Callable[[str], dict]) -> list[dict] | None:
+    """``record[key]`` as messages: a string is one turn of ``as_role``, a list is validated messages; ``None``
+    when the key is absent."""
+    if key not in record:
+        return None
+    value = record[key]
+    if isinstance(value, str):
+        return [as_role(value)]
+    if isinstance(value, list):
+        return messages(value, key)
+    raise RowError(Reason.WRONG_TYPE, f"{key}: expected string or array of messages, found {type_name(value)}")
 
 
 def split_common_prefix(

@@ -1,4 +1,4 @@
-"""``read_source``: one recipe source → canonical rows + quarantine rows, nothing lost.
+"""``read_source``: one recipe source → canonical rows of its format's table + quarantine rows, nothing lost.
 
 The loop is the hot path of ingestion (hh-rlhf at 10^5–10^6 rows), so rows are collected column-wise
 into flat Python lists of strings (no per-row pydantic, no per-row Arrow calls) and become Arrow
@@ -21,15 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from schemas.data_config import SourceConfig
-from schemas.preference import (
-    MESSAGES,
-    PREFERENCE_SCHEMA,
-    QUARANTINE_SCHEMA,
-    Reason,
-    content_id,
-    content_ids,
-    prompt_hashes,
-)
+from schemas.preference import MESSAGES, QUARANTINE_SCHEMA, Reason, prompt_hashes
+from schemas.tables import Table, get_table
 from tasks.data.preload import wait_for_background_imports
 from tasks.data.sources.base import RowError
 from tasks.data.sources.formats import get_adapter
@@ -54,16 +47,17 @@ _CHUNK = 16_384
 @dataclass
 class SourceResult:
     source: str  # cfg.name
-    accepted: pa.Table  # PREFERENCE_SCHEMA, rows in source order
+    accepted: pa.Table  # the table's schema (schemas/tables.py), rows in source order
     quarantine: pa.Table  # QUARANTINE_SCHEMA, rows in source order
     rows_read: int  # == accepted.num_rows + quarantine.num_rows
-    input: dict  # name, format, path | hub, sha256 (file bytes; hub: dataset fingerprint), rows
+    input: dict  # name, format, table, path | hub, sha256 (file bytes; hub: dataset fingerprint), rows
+    table: str = "preference"  # the canonical table of the source's format
 
 
 def read_source(
     cfg: SourceConfig, base_dir: Path | None = None, seed: int = 42, while_parsing: Callable[[], object] | None = None
 ) -> SourceResult:
-    """Read ``cfg`` (a local file or a hub dataset) through its format's adapter.
+    """Read ``cfg`` (a local file or a hub dataset) through its format's adapter, into the adapter's table.
 
     ``cfg.limit`` reads only the first N rows; ``cfg.weight`` < 1 keeps a seeded fraction of the rows
     (drawn by row id, so a row's fate does not depend on its position) and quarantines the others as
@@ -72,7 +66,7 @@ def read_source(
     files only), when this process would otherwise wait idle; background imports it starts
     (``tasks.data.preload``) are finished before this returns.
     """
-    get_adapter(cfg.format)  # an unknown format fails here, before any reading
+    table = get_adapter(cfg.format).table  # an unknown format fails here, before any reading
     ranges: list = []
     if cfg.hub is not None:
         dataset = load_hub(cfg.hub)
@@ -96,8 +90,8 @@ def read_source(
     accepted, quarantine = out.tables()
     rows_read = out.rows_read
     assert rows_read == accepted.num_rows + quarantine.num_rows, (cfg.name, rows_read)
-    info = {"name": cfg.name, "format": cfg.format, **location, "rows": rows_read}
-    return SourceResult(cfg.name, accepted, quarantine, rows_read, info)
+    info = {"name": cfg.name, "format": cfg.format, "table": table, **location, "rows": rows_read}
+    return SourceResult(cfg.name, accepted, quarantine, rows_read, info, table)
 
 
 def check_sources(sources: list[SourceConfig], base_dir: Path | None = None) -> None:
@@ -136,7 +130,7 @@ def _read_parallel(cfg: SourceConfig, path: Path, ranges, seed: int, spool: str,
     # loads pandas below): two threads importing one package with circular imports (Great Expectations,
     # pandas) can get a partially initialised module.
     wait_for_background_imports()
-    return _Collector.merge(cfg.name, parts)
+    return _Collector.merge(cfg.name, get_adapter(cfg.format).table, parts)
 
 
 def _spool_dir(input_bytes: int) -> str | None:
@@ -182,7 +176,8 @@ def _convert(rows, cfg: SourceConfig, label: str, seed: int) -> _Collector:
     """
     adapter = get_adapter(cfg.format)
     options = cfg.typed_options()
-    out = _Collector(cfg.name)
+    out = _Collector(cfg.name, adapter.table)
+    table = out.table
     parse, needs_rng, weight = adapter.parse, adapter.needs_rng, cfg.weight
     per_row = weight < 1
     for source_row, record, raw, error in rows:
@@ -195,9 +190,9 @@ def _convert(rows, cfg: SourceConfig, label: str, seed: int) -> _Collector:
         except RowError as e:
             out.quarantine(source_row, e.reason, f"{_where(label, source_row, raw)}: {e.detail}", raw, record)
             continue
-        if per_row or not _encodable(row):
+        if per_row or not _encodable(row, table.messages):
             try:
-                row_id = content_id(row["prompt"], row["chosen"], row["rejected"])
+                row_id = table.row_id(row)
             except UnicodeEncodeError as e:  # a lone surrogate from a "\ud800" escape: not writable text
                 out.quarantine(
                     source_row,
@@ -219,10 +214,10 @@ def _convert(rows, cfg: SourceConfig, label: str, seed: int) -> _Collector:
     return out
 
 
-def _encodable(row: dict) -> bool:
+def _encodable(row: dict, keys: tuple[str, ...]) -> bool:
     """False when a turn holds a lone surrogate, which Arrow (and UTF-8) cannot store. Only non-ASCII
     text can (``str.isascii`` is O(1)), and only that is encoded to find out."""
-    for key in ("prompt", "chosen", "rejected"):
+    for key in keys:
         for m in row[key]:
             if not m["content"].isascii():
                 try:
@@ -244,10 +239,12 @@ def _draw(row_id: str, seed: int) -> float:
 
 
 class _Collector:
-    """Accepted and quarantined rows, column-wise; flushed to Arrow every ``_CHUNK`` rows."""
+    """Accepted and quarantined rows of one table, column-wise; flushed to Arrow every ``_CHUNK`` rows.
+    It travels between processes, so it holds the table's name (``schemas.tables``), not the table."""
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, table: str = "preference"):
         self.source = source
+        self.table_name = table
         self.rows_read = 0
         self.batches: list[pa.RecordBatch] = []
         self.q_rows: list[int] = []
@@ -256,20 +253,26 @@ class _Collector:
         self.q_raw: list[str] = []
         self._reset()
 
+    @property
+    def table(self) -> Table:
+        return get_table(self.table_name)
+
     def _reset(self) -> None:
+        table = self.table
         self.source_rows = []
-        self.score_chosen, self.score_rejected = [], []
+        self.scalars = {k: [] for k in table.scalars}  # scores (preference), label (unpaired)
+        self._scalars = list(self.scalars.items())
         # per message column: end offsets, roles, contents (flat lists of strings: cheap to append,
         # not tracked by the garbage collector, one pa.array call each per chunk)
-        self.messages = {k: ([0], [], []) for k in ("prompt", "chosen", "rejected")}
-        self._columns = [(k, *self.messages[k]) for k in ("prompt", "chosen", "rejected")]
+        self.messages = {k: ([0], [], []) for k in table.messages}
+        self._columns = [(k, *self.messages[k]) for k in table.messages]
 
     def accept(self, source_row: int, row: dict) -> None:
         """Keep a parsed row; its text must encode as UTF-8 (``_convert`` quarantines the others)."""
         self.rows_read += 1
         self.source_rows.append(source_row)
-        self.score_chosen.append(row["score_chosen"])
-        self.score_rejected.append(row["score_rejected"])
+        for key, values in self._scalars:
+            values.append(row[key])
         for key, offsets, roles, contents in self._columns:
             for m in row[key]:
                 roles.append(m["role"])
@@ -293,30 +296,29 @@ class _Collector:
     def _flush(self) -> None:
         if not self.source_rows:
             return
-        n = len(self.source_rows)
+        n, table = len(self.source_rows), self.table
         lists = {}
         for key, (offsets, roles, contents) in self.messages.items():
             values = pa.StructArray.from_arrays(
                 [pa.array(roles, pa.string()), pa.array(contents, pa.string())], fields=list(MESSAGES.value_type)
             )
             lists[key] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, type=MESSAGES)
+        lists |= {k: pa.array(v, table.schema.field(k).type) for k, v in self.scalars.items()}
         columns = {
-            "id": pa.array(content_ids(lists["prompt"], lists["chosen"], lists["rejected"]), pa.string()),
+            "id": pa.array(table.ids(lists), pa.string()),
             "source": pa.array([self.source] * n, pa.string()),
             "source_row": pa.array(self.source_rows, pa.int64()),
             **lists,
-            "score_chosen": pa.array(self.score_chosen, pa.float64()),
-            "score_rejected": pa.array(self.score_rejected, pa.float64()),
-            "prompt_hash": pa.array(prompt_hashes(lists["prompt"]), pa.string()),
+            "prompt_hash": pa.array(prompt_hashes(table.prompts(lists)), pa.string()),
         }
-        self.batches.append(pa.RecordBatch.from_pydict(columns, schema=PREFERENCE_SCHEMA))
+        self.batches.append(pa.RecordBatch.from_pydict(columns, schema=table.schema))
         self._reset()
 
     def spool(self, directory: str) -> None:
         """Write the batches to an Arrow IPC file in ``directory``; only its name travels with ``self``."""
         self._flush()
         fd, self.spooled = tempfile.mkstemp(suffix=".arrow", dir=directory)
-        with os.fdopen(fd, "wb") as f, pa.ipc.new_file(f, PREFERENCE_SCHEMA) as writer:
+        with os.fdopen(fd, "wb") as f, pa.ipc.new_file(f, self.table.schema) as writer:
             for batch in self.batches:
                 writer.write_batch(batch)
         self.batches = []
@@ -329,9 +331,9 @@ class _Collector:
             self.spooled = None
 
     @classmethod
-    def merge(cls, source: str, parts: list[_Collector]) -> _Collector:
+    def merge(cls, source: str, table: str, parts: list[_Collector]) -> _Collector:
         """Parts of one source, in order, as one collector."""
-        out = cls(source)
+        out = cls(source, table)
         for part in parts:
             part.unspool()
             part._flush()
@@ -345,11 +347,12 @@ class _Collector:
 
     def tables(self) -> tuple[pa.Table, pa.Table]:
         self._flush()
-        accepted = pa.Table.from_batches(self.batches, schema=PREFERENCE_SCHEMA)
+        accepted = pa.Table.from_batches(self.batches, schema=self.table.schema)
         quarantine = pa.Table.from_pydict(
             {
                 "source": [self.source] * len(self.q_rows),
                 "source_row": self.q_rows,
+                "table": [self.table_name] * len(self.q_rows),
                 "reason": self.q_reasons,
                 "detail": self.q_details,
                 "raw": self.q_raw,

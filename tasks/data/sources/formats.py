@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.data.sources import generic, hh_rlhf, orca_dpo_pairs, ultrafeedback, ultrafeedback_binarized
+from tasks.data.sources import generic, hh_rlhf, orca_dpo_pairs, sft, ultrafeedback, ultrafeedback_binarized, unpaired
 from tasks.data.sources.base import Adapter
 
 ADAPTERS: dict[str, Adapter] = {
@@ -11,6 +11,8 @@ ADAPTERS: dict[str, Adapter] = {
     "ultrafeedback": Adapter("ultrafeedback", ultrafeedback.parse, needs_rng=True),
     "ultrafeedback_binarized": Adapter("ultrafeedback_binarized", ultrafeedback_binarized.parse),
     "generic": Adapter("generic", generic.parse),
+    "sft": Adapter("sft", sft.parse, table="sft"),
+    "unpaired": Adapter("unpaired", unpaired.parse, table="unpaired"),
 }
 
 

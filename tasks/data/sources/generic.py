@@ -28,7 +28,7 @@ from tasks.data.sources.base import (
     require_str,
     score,
     split_common_prefix,
-    type_name,
+    turns,
     user,
     wrong_type,
 )
@@ -88,27 +88,15 @@ def parse_stack_exchange(record: dict) -> dict:
     )
 
 
-def _turns(record: dict, key: str, as_role) -> list[dict] | None:
-    """A string (one turn of ``as_role``) or a message list; ``None`` when the key is absent."""
-    if key not in record:
-        return None
-    value = record[key]
-    if isinstance(value, str):
-        return [as_role(value)]
-    if isinstance(value, list):
-        return messages(value, key)
-    raise RowError(Reason.WRONG_TYPE, f"{key}: expected string or array of messages, found {type_name(value)}")
-
-
 def parse_trl(record: dict) -> dict:
-    chosen, rejected = _turns(record, "chosen", assistant), _turns(record, "rejected", assistant)
+    chosen, rejected = turns(record, "chosen", assistant), turns(record, "rejected", assistant)
     for key, value in (("chosen", chosen), ("rejected", rejected)):
         if value is None:
             raise RowError(Reason.MISSING_FIELD, f"missing field {key!r} (found keys: {sorted(record)})")
     scores = score(record, "score_chosen"), score(record, "score_rejected")
     if isinstance(record.get("prompt"), str) and is_transcript(record["prompt"]):
         return _transcript_pair(record, chosen, rejected, scores)
-    prompt = _turns(record, "prompt", user)
+    prompt = turns(record, "prompt", user)
     if prompt is None:
         if not (isinstance(record["chosen"], list) and isinstance(record["rejected"], list)):
             raise RowError(
