@@ -391,6 +391,6 @@ def set_stop_tokens(model, tokenizer) -> None:
         return
     own = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     stop = sorted({*end_of_turn_ids(tokenizer), *(i for i in own if i is not None)})
-    gen.eos_token_id = stop if len(stop) > 1 else (stop[0] if stop else None)
+    gen.eos_token_id = stop or None  # a list, as generate() accepts it: every id ends the answer
     if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
