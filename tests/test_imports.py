@@ -41,7 +41,7 @@ def _fast_recipe(tmp_path: Path) -> Path:
     """The tiny recipe with a few steps per stage and few prompts (as tests/test_promote.py's e2e run)."""
     data = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
     data["name"] = "reuse"
-    for stage, steps in (("sft", 1), ("reward", 1), ("dpo", 1)):
+    for stage, steps in (("sft", 1), ("reward", 1), ("dpo", 1), ("rl", 1)):
         data[stage]["args"].update(max_steps=steps, eval_strategy="no", save_strategy="no")
     data["cai"].update(limit=2, generation={**data["cai"]["generation"], "max_new_tokens": 8})
     data["evaluate"].update(max_prompts=2, max_pairs=4, max_new_tokens=2, bootstrap_samples=20)
@@ -59,7 +59,7 @@ def test_align_rerun_with_every_stage_reused_imports_no_heavy_library(tmp_path):
     call = (
         f"from flows.align import align\n"
         f"r = align(recipe={str(recipe)!r}, output={str(tmp_path / 'data')!r}, runs={str(tmp_path / 'runs')!r})\n"
-        f"assert all(r[s].reused for s in ('sft', 'cai', 'reward', 'dpo')), r"
+        f"assert all(r[s].reused for s in ('sft', 'cai', 'reward', 'dpo', 'rl')), r"
     )
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREFECT_HOME": str(tmp_path / "prefect")}
     first = (

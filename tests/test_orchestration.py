@@ -47,6 +47,7 @@ def services(tmp_path_factory):
 def make_fast_recipe(folder: Path) -> Path:
     """recipes/tiny.yaml with a few steps per stage (file paths resolve against the project root)."""
     data = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    data.pop("rl", None)  # the RL stage's flow tests are tests/test_rl.py
     for stage, steps in (("sft", 8), ("reward", 8), ("dpo", 6)):
         args = data.setdefault(stage, {}).setdefault("args", {})
         args.update(max_steps=steps, eval_strategy="no", save_steps=4)

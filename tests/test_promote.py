@@ -408,6 +408,7 @@ def test_align_flow_tiny_pipeline_registers_candidates_and_first_promotion_makes
 
     data = yaml.safe_load(Path("recipes/tiny.yaml").read_text())
     data["name"] = "e2e"
+    data.pop("rl", None)  # the RL stage's flow tests are tests/test_rl.py
     for stage, steps in (("sft", 6), ("reward", 6), ("dpo", 4)):
         data[stage]["args"].update(max_steps=steps, eval_strategy="no", save_strategy="no")
     data["evaluate"].update(max_prompts=6, max_pairs=16, max_new_tokens=8, bootstrap_samples=200)

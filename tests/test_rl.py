@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from transformers import TrainerCallback
 
 from schemas.recipe import Recipe, deep_merge, load_recipe
@@ -84,3 +85,105 @@ def test_reward_callable_scores_conversation_token_for_token_as_reward_trainer_s
     if minilm:  # the encoder's own rendering (plain role lines behind [CLS]), not the policy's ChatML
         text = reward.scorer.tokenizer.decode(ours[0])
         assert text.startswith("[CLS] user") and "assistant" in text and "im_start" not in text
+
+
+# ---------------------------------------------------------------- through the flow
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """sft, reward and dpo of the tiny recipe (as shipped) once, through the flow; the RL tests reuse them."""
+    from flows.align import align
+
+    root = tmp_path_factory.mktemp("rl-flow")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ALIGN_RUNS_DIR", str(root / "runs"))  # the evaluate stage's keyed outputs
+        results = align(recipe=str(_recipe_file(root, "base", {})), stages="sft,reward,dpo", **_dirs(root))
+        yield root, results
+
+
+def _dirs(root: Path) -> dict:
+    return {"output": str(root / "data"), "runs": str(root / "runs")}
+
+
+def _recipe_file(root: Path, tag: str, overrides: dict, replace: dict | None = None) -> Path:
+    """recipes/tiny.yaml named `rltiny` (one stage folder and registry name for every test here), changed."""
+    data = deep_merge(yaml.safe_load(TINY.read_text()), {"name": "rltiny", **overrides})
+    data.update(replace or {})
+    path = root / f"rltiny-{tag}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _dataset_dir(root: Path) -> Path:
+    return next(p.parent for p in (root / "data").rglob("manifest.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, promoted", [("rloo", "dpo"), ("grpo", "rl")])
+def test_align_rl_stage_raises_heldout_reward_is_tracked_registered_and_reused(pipeline, method, promoted):
+    """`--stages sft,reward,dpo,rl` on the tiny recipe: RL from the DPO policy against the reward model gains
+    held-out reward, logs its curves, registers `<name>-rl`; `promote.model: rl` judges it by the same gates."""
+    from mlflow import MlflowClient
+
+    from flows.align import align
+
+    root, first = pipeline
+    path = _recipe_file(root, method, {"rl": {"method": method}, "promote": {"model": promoted}})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ALIGN_RUNS_DIR", str(root / "runs"))
+        results = align(recipe=str(path), stages="sft,reward,dpo,rl", **_dirs(root))
+        again = align(recipe=str(path), stages="sft,reward,dpo,rl", **_dirs(root))
+
+    rl = results["rl"]
+    assert all(results[s].reused for s in ("sft", "reward", "dpo")) and not rl.reused
+    assert rl.metrics["reward_mean_final"] > rl.metrics["reward_mean_start"]
+    assert rl.metrics["train_rows"] == len(
+        pq.read_table(_dataset_dir(root) / "train.parquet").column("prompt_hash").unique()
+    )
+    start = yaml.safe_load((rl.model_dir.parent / "result.json").read_text())["base_model"]
+    assert Path(start) == Path(first["dpo"].model_dir)  # RL starts from the DPO policy
+
+    client = MlflowClient()
+    curves = {k: len(client.get_metric_history(rl.run_id, k)) for k in ("reward", "completions/mean_length", "kl")}
+    assert curves == dict.fromkeys(curves, rl.metrics["global_step"])  # beta 0.05: RLOO and GRPO both log KL
+    assert {"reward.png", "completion_length.png", "kl.png"} <= {
+        Path(a.path).name for a in client.list_artifacts(rl.run_id, "plots")
+    }
+    assert client.get_run(rl.run_id).data.metrics["reward_mean_final"] == rl.metrics["reward_mean_final"]
+
+    version = results["versions"]["rl"]
+    assert "candidate" in client.get_model_version("rltiny-rl", str(version)).aliases
+    decision = results["promotion"]
+    assert decision["model"] == f"rltiny-{promoted}" and decision["version"] == results["versions"][promoted]
+    if promoted == "rl":  # the tiny recipe's gates, on the RL policy's own evaluation
+        assert {g["name"] for g in decision["gates"]} >= set(load_recipe(path).promote.gates)
+    assert again["rl"].reused and again["rl"].model_dir == rl.model_dir and again["versions"]["rl"] == version
+
+
+class _CrashAtSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt(f"simulated crash after checkpoint at step {state.global_step}")
+
+
+class _Steps(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+@pytest.mark.slow
+def test_rl_stage_interrupted_after_checkpoint_resumes_from_it(pipeline, tmp_path):
+    from tasks.training.rl import train_rl
+
+    root, first = pipeline
+    recipe = recipe_with({"name": "rltiny", "rl": {"method": "grpo", "args": {"max_steps": 4, "save_steps": 2}}})
+    call = dict(base_model=first["dpo"].model_dir, output_root=tmp_path, reward_model=first["reward"].model_dir)
+    with pytest.raises(KeyboardInterrupt, match="step 2"):
+        train_rl(recipe, _dataset_dir(root), callbacks=[_CrashAtSave()], **call)
+    steps = _Steps()
+    result = train_rl(recipe, _dataset_dir(root), callbacks=[steps], **call)
+    assert result.metrics["resumed_from_step"] == 2 and result.metrics["global_step"] == 4
+    assert steps.steps == [3, 4]
