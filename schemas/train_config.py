@@ -79,8 +79,10 @@ class RewardStage(StageConfig):
 
 
 class DPOStage(StageConfig):
-    method: Literal["dpo", "orpo", "simpo"] = Field(
-        "dpo", description="dpo: trl.DPOTrainer; orpo / simpo: trl.experimental ORPOTrainer / CPOTrainer(simpo)"
+    method: Literal["dpo", "orpo", "simpo", "kto"] = Field(
+        "dpo",
+        description="dpo: trl.DPOTrainer; orpo / simpo: trl.experimental ORPOTrainer / CPOTrainer(simpo); "
+        "kto: trl.KTOTrainer on the pairs unpaired (chosen desirable, rejected undesirable) plus unpaired rows",
     )
     eval_beta: float | None = Field(
         None, gt=0, description="beta of the held-out implicit reward vs the base model; default args.beta or 0.1"

@@ -87,6 +87,45 @@ def test_reward_callable_scores_conversation_token_for_token_as_reward_trainer_s
         assert text.startswith("[CLS] user") and "assistant" in text and "im_start" not in text
 
 
+# ---------------------------------------------------------------- KTO rows and weights
+
+
+def _pair(i: int) -> dict:
+    return {
+        "prompt": [{"role": "user", "content": f"q{i}"}],
+        "chosen": [{"role": "assistant", "content": f"good {i}"}],
+        "rejected": [{"role": "assistant", "content": f"bad {i}"}],
+    }
+
+
+def test_kto_examples_pairs_unpaired_plus_unpaired_rows_weights_balance_label_counts(tmp_path):
+    from tasks.training.kto import balanced_weights, kto_examples, read_unpaired
+
+    (tmp_path / "unpaired").mkdir()
+    extra = [
+        {"prompt": [{"role": "user", "content": f"u{i}"}], "completion": [{"role": "assistant", "content": "ok"}]}
+        for i in range(4)
+    ]
+    pq.write_table(
+        pa.Table.from_pylist([{**r, "label": True} for r in extra]), tmp_path / "unpaired" / "train.parquet"
+    )
+    rows = kto_examples([_pair(i) for i in range(6)], read_unpaired(tmp_path, "train"), seed=0)
+
+    assert len(rows) == 16 and sum(r["label"] for r in rows) == 10  # 6 chosen + 4 unpaired thumbs-up; 6 rejected
+    assert {r["completion"][0]["content"] for r in rows if not r["label"]} == {f"bad {i}" for i in range(6)}
+    weights = balanced_weights([r["label"] for r in rows])
+    assert weights == {"desirable_weight": 1.0, "undesirable_weight": pytest.approx(10 / 6)}
+    assert read_unpaired(tmp_path, "validation") == []  # no unpaired table for that split: pairs only
+
+
+def test_kto_weights_one_label_missing_fails_naming_it():
+    from tasks.training.kto import balanced_weights
+    from tasks.training.stage import StageConfigError
+
+    with pytest.raises(StageConfigError, match=r"no undesirable \(label false\) row"):
+        balanced_weights([True, True])
+
+
 # ---------------------------------------------------------------- through the flow
 
 
@@ -187,3 +226,33 @@ def test_rl_stage_interrupted_after_checkpoint_resumes_from_it(pipeline, tmp_pat
     result = train_rl(recipe, _dataset_dir(root), callbacks=[steps], **call)
     assert result.metrics["resumed_from_step"] == 2 and result.metrics["global_step"] == 4
     assert steps.steps == [3, 4]
+
+
+@pytest.mark.slow
+def test_align_kto_trains_on_pairs_unpaired_with_balanced_weights_and_reports_heldout_accuracy(pipeline):
+    from flows.align import align
+
+    root, _ = pipeline
+    kto = {
+        "method": "kto",
+        "args": {
+            "max_steps": 15,
+            "per_device_train_batch_size": 16,
+            "learning_rate": 1.0e-3,
+            "beta": 0.1,
+            "eval_strategy": "no",
+            "save_steps": 15,
+            "seed": 0,
+        },
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ALIGN_RUNS_DIR", str(root / "runs"))
+        results = align(recipe=str(_recipe_file(root, "kto", {}, {"dpo": kto})), stages="sft,dpo", **_dirs(root))
+    m = results["dpo"].metrics
+    pairs = pq.read_metadata(_dataset_dir(root) / "train.parquet").num_rows
+    unpaired_file = _dataset_dir(root) / "unpaired" / "train.parquet"  # the demo's thumbs-up/down rows
+    unpaired = pq.read_metadata(unpaired_file).num_rows if unpaired_file.is_file() else 0
+    assert results["sft"].reused and m["global_step"] == 15
+    assert m["desirable_rows"] + m["undesirable_rows"] == m["train_rows"]
+    assert m["train_rows"] + m["train_rows_too_long"] == 2 * pairs + unpaired  # both halves of every pair + unpaired
+    assert m["step0_reward_accuracy"] == pytest.approx(0.5) and m["final_reward_accuracy"] > 0.5

@@ -71,7 +71,7 @@ class Method:
     config: str  # "module:Class" of the TRL config (imported lazily: trl is slow)
     trainer: str
     model_kind: str  # "causal" | "reward"
-    data: str  # "messages" (SFT view) | "preference" | "prompts" (online RL)
+    data: str  # "messages" (SFT view) | "preference" | "unpaired" (KTO) | "prompts" (online RL)
     forced: dict = field(default_factory=dict)  # fields the method itself implies
     plots: dict = field(default_factory=dict)
     # "module:function" building the method's datasets in place of ``training_sets`` (and extra trainer inputs,
@@ -135,6 +135,17 @@ METHODS: dict[str, Method] = {
         "preference",
         forced={"loss_type": "simpo", "cpo_alpha": 0.0},
         plots={"loss": _LOSS, "reward_margin": ["rewards/margins", "eval_rewards/margins"]},
+    ),
+    # KTO: the pairs unpaired (chosen desirable, rejected undesirable) plus unpaired rows; weights from the counts.
+    "kto": Method(
+        "kto",
+        "dpo",
+        "trl:KTOConfig",
+        "trl:KTOTrainer",
+        "causal",
+        "unpaired",
+        plots={"loss": _LOSS, "reward_margin": ["rewards/margins", "eval_rewards/margins"], "kl": ["kl"]},
+        datasets="tasks.training.kto:kto_sets",
     ),
     # Online RL against the reward model (tasks/training/rl.py): train prompts, a reward callable.
     **{
@@ -443,7 +454,7 @@ def train(
     if "eval" in data:
         kwargs["eval_dataset"] = data["eval"]
     kwargs.update(data.get("trainer_kwargs", {}))
-    if method.name == "dpo" and cfg.lora is None:
+    if method.name in ("dpo", "kto") and cfg.lora is None:
         ref = load_causal_lm(
             base,
             tokenizer=tokenizer,
