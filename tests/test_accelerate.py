@@ -66,23 +66,51 @@ def test_encode_decode_round_trips_stage_results_and_paths(tmp_path):
     assert back["args"] == [r, tmp_path]
 
 
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
 @pytest.mark.slow
 def test_sft_under_accelerate_launch_trains_on_two_cpu_processes(tiny_recipe, tiny_dataset, tmp_path):
+    """Two gloo ranks (DDP) act as one run: rank 0 alone locks, tracks and writes one whole folder, which holds
+    the weights a single process reaches on the same global batch (2 ranks x 2 rows = 1 process x 2 rows x 2
+    accumulation steps), and which a later in-process run reuses instead of retraining."""
+    import time
+
+    import mlflow
+
+    t0 = int(time.time() * 1000)
     recipe = tiny_recipe.model_copy(deep=True)
+    args = {**recipe.sft.args, "max_steps": 3, "eval_strategy": "no", "save_steps": 3, "learning_rate": 1e-2}
     recipe.compute = ComputeConfig(num_processes=2, accelerate_config="ddp")
-    recipe.sft.args = {
-        **recipe.sft.args,
-        "max_steps": 6,
-        "eval_strategy": "no",
-        "save_steps": 3,
-        "per_device_train_batch_size": 4,
-    }
+    recipe.sft.args = {**args, "per_device_train_batch_size": 2}
 
     result = dispatch.dispatch_stage("sft", recipe, tiny_dataset, None, tmp_path)
 
-    assert not result.reused and (result.model_dir / "config.json").is_file()
-    assert result.metrics["world_size"] == 2  # torch.distributed (gloo) was initialised with 2 ranks
-    assert result.metrics["global_step"] == 6
+    assert not result.reused and result.metrics["world_size"] == 2  # torch.distributed (gloo), 2 ranks
+    assert result.metrics["global_step"] == 3
+    folder = result.model_dir
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert not (folder / "training_args.bin").exists() and not (folder.parent / ".saved").exists()
+    runs = mlflow.search_runs(
+        search_all_experiments=True, filter_string=f"attributes.start_time >= {t0} and tags.`align.stage` = 'sft'"
+    )
+    assert len(runs) == 1 and runs.iloc[0]["run_id"] == result.run_id  # rank 1 tracked nothing
+
+    single = tiny_recipe.model_copy(deep=True)
+    single.sft.args = {**args, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
+    alone = dispatch.dispatch_stage("sft", single, tiny_dataset, None, tmp_path)
+    ddp, one = _weights(folder), _weights(alone.model_dir)
+    start = _weights(dispatch.prepare_base("sft", single, tiny_dataset, (None, tmp_path), {})["base_model"])
+    assert ddp.keys() == one.keys() and one.keys() <= start.keys()
+    moved = max(float((one[k] - start[k]).abs().max()) for k in one)
+    apart = max(float((ddp[k] - one[k]).abs().max()) for k in one)
+    assert moved > 1e-3 and apart < moved / 100, (moved, apart)  # same training, up to float summation order
+
     # The same content key in one process: the folder trained under accelerate is reused, not retrained.
     recipe.compute = ComputeConfig()
     again = dispatch.dispatch_stage("sft", recipe, tiny_dataset, None, tmp_path)

@@ -15,11 +15,11 @@ from tasks.training.models import (
     apply_lora,
     bootstrap_tiny,
     check_quantization_supported,
+    finalise_model_folder,
     load_causal_lm,
     load_tokenizer,
     model_identity,
     resolve_model_ref,
-    save_final_model,
 )
 from tasks.training.templates import render_ids
 
@@ -98,8 +98,11 @@ def test_lora_all_linear_trains_adapters_only_and_merges_to_a_plain_folder(tmp_p
     assert 0 < trainable < sum(p.numel() for p in model.parameters()) / 2
     with torch.no_grad():  # move an adapter so the merge is visible in the weights
         next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.5)
-    out = save_final_model(model, tok, tmp_path / "merged")
-    assert not (out / "adapter_config.json").exists()
+    model.save_pretrained(tmp_path / "saved")  # what trainer.save_model writes for a PEFT model: the adapter
+    out = finalise_model_folder(
+        tmp_path / "saved", tok, tmp_path / "merged", lambda: load_causal_lm(base, tokenizer=tok)
+    )
+    assert not (out / "adapter_config.json").exists() and not (tmp_path / "saved").exists()
     merged = AutoModelForCausalLM.from_pretrained(out)
     original = AutoModelForCausalLM.from_pretrained(base)
     assert any(not torch.equal(a, b) for a, b in zip(merged.state_dict().values(), original.state_dict().values()))
@@ -148,7 +151,12 @@ def test_lora_trains_the_embedding_rows_of_tokens_the_template_added(tmp_path):
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
-    merged = AutoModelForCausalLM.from_pretrained(save_final_model(model, tok, tmp_path / "merged"))
+    model.save_pretrained(tmp_path / "saved")
+    merged = AutoModelForCausalLM.from_pretrained(
+        finalise_model_folder(
+            tmp_path / "saved", tok, tmp_path / "merged", lambda: load_causal_lm(base, tokenizer=tok)
+        )
+    )  # the base reloaded with its embeddings resized as in training, the adapter's token rows merged into it
     weights = merged.get_input_embeddings().weight.detach()
     old = [i for i in range(len(tok)) if i not in new]
     assert weights.shape == initial.shape and torch.equal(weights[old], initial[old])  # only the new rows moved
@@ -161,7 +169,8 @@ def test_saved_model_generation_config_stops_at_the_templates_end_of_turn(tmp_pa
     base = _tiny_without_chat_tokens(tmp_path / "base")
     own = GenerationConfig.from_pretrained(base).eos_token_id  # the config's default, not a chat token
     tok = load_tokenizer(base, "chatml")  # the template ends a turn with <|im_end|>, which it added
-    out = save_final_model(load_causal_lm(base, tokenizer=tok), tok, tmp_path / "saved")
+    load_causal_lm(base, tokenizer=tok).save_pretrained(tmp_path / "trained")
+    out = finalise_model_folder(tmp_path / "trained", tok, tmp_path / "saved")
     eos = GenerationConfig.from_pretrained(out).eos_token_id
     assert sorted(eos) == sorted({tok.convert_tokens_to_ids("<|im_end|>"), own})
 

@@ -341,11 +341,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     req = json.loads(Path(args.request).read_text())
     rank = int(os.environ.get("RANK", "0"))
-    if rank != 0:
-        # One MLflow run per stage: rank 0 tracks; the other ranks log into a throwaway store beside the
-        # request (N ranks migrating/writing one SQLite store at once also races). Remove once the stages
-        # themselves skip tracking off the main process.
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(args.request).parent / f'rank{rank}-mlflow.db'}"
     result = run_request(args.stage, req["recipe"], req["dataset_dir"], req["call"])
     import torch.distributed as dist
 

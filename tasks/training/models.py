@@ -359,35 +359,50 @@ def apply_lora(model, lora_cfg, task_type: str = "CAUSAL_LM", new_token_ids: lis
     return get_peft_model(model, peft_config(lora_cfg, task_type, new_token_ids))
 
 
-def save_final_model(model, tokenizer, out_dir: Path) -> Path:
-    """Write the stage's final HF folder.
+def finalise_model_folder(saved: Path, tokenizer, out_dir: Path, load_base=None) -> Path:
+    """A trained model's saved folder (``trainer.save_model`` / ``save_pretrained``) → the stage's final HF folder.
 
-    LoRA on a full-precision base is merged (``merge_and_unload``): the folder is then a plain model that
-    ``from_pretrained`` and vLLM load with no PEFT. A quantized (QLoRA) base cannot be merged losslessly, so
-    there the adapter is saved and ``adapter_config.json`` names the base (load with PEFT).
+    A LoRA adapter is merged into ``load_base()`` (the base as training loaded it: same dtype, embeddings resized
+    for the tokens the template added) with ``merge_and_unload``: the folder is then a plain model that
+    ``from_pretrained`` and vLLM load with no PEFT. Without ``load_base`` (a quantized QLoRA base, which cannot be
+    merged losslessly) the adapter stays, and ``adapter_config.json`` names the base (load with PEFT). The saved
+    generation config stops at the template's end of turn; the tokenizer is written beside it. ``saved`` is
+    consumed; the folder appears at ``out_dir`` whole or not at all.
     """
-    from peft import PeftModel
+    from transformers import GenerationConfig
 
-    out_dir = Path(out_dir)
+    saved, out_dir = Path(saved), Path(out_dir)
+    adapter = (saved / "adapter_config.json").is_file()
+    merge = adapter and load_base is not None
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))
-    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-    if isinstance(model, PeftModel) and not quantized:
-        model = model.merge_and_unload()
-    set_stop_tokens(model, tokenizer)
-    model.save_pretrained(tmp)
+    if merge:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_base(), saved).merge_and_unload()
+        set_stop_tokens(model.generation_config if model.can_generate() else None, tokenizer)
+        model.save_pretrained(tmp)
+        shutil.rmtree(saved)
+    else:
+        tmp.rmdir()
+        saved.rename(tmp)
+        if (tmp / "generation_config.json").is_file():
+            gen = GenerationConfig.from_pretrained(tmp)
+            set_stop_tokens(gen, tokenizer)
+            gen.save_pretrained(tmp)
+    (tmp / "training_args.bin").unlink(missing_ok=True)  # the trainer's pickle: not part of a model folder
     tokenizer.save_pretrained(tmp)
-    (tmp / "align_model.json").write_text(json.dumps({"merged": not quantized}), encoding="utf-8")
+    (tmp / "align_model.json").write_text(json.dumps({"merged": not adapter or merge}), encoding="utf-8")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
 
 
-def set_stop_tokens(model, tokenizer) -> None:
-    """The saved generation config stops at the template's end-of-turn token (plus the model's own eos), so a
-    plain ``model.generate`` ends an answer where the template ends an assistant turn."""
-    gen = getattr(model, "generation_config", None)
-    if gen is None:  # sequence-classification heads generate nothing
+def set_stop_tokens(gen, tokenizer) -> None:
+    """A generation config that stops at the template's end-of-turn token (plus the model's own eos), so a
+    plain ``model.generate`` ends an answer where the template ends an assistant turn. ``None``: a model that
+    generates nothing (a sequence-classification head)."""
+    if gen is None:
         return
     own = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     stop = sorted({*end_of_turn_ids(tokenizer), *(i for i in own if i is not None)})

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from schemas.hashing import content_hash
 from schemas.recipe import PROJECT_ROOT
 from tasks.registry import tracking
+from tasks.runtime import ranks
 from tasks.runtime.faults import checkpoint_callbacks
 from tasks.runtime.locks import folder_lock
 from tasks.training.examples import examples_for, fit_to_length, to_dataset
@@ -36,6 +37,7 @@ from tasks.training.models import (
     bootstrap_tiny,
     check_quantization_supported,
     cuda_available,
+    finalise_model_folder,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
@@ -44,7 +46,6 @@ from tasks.training.models import (
     peft_config,
     quantization_config,
     resolve_model_ref,
-    save_final_model,
 )
 
 TRAINED_SECTIONS = ("sft", "reward", "dpo", "rl")  # sections this module trains; flows/align.py orders stages
@@ -431,8 +432,9 @@ def train(
     """Train one method; returns (model dir, summary metrics, log history). Resumes from a checkpoint."""
     cfg = getattr(recipe, method.section)
     checkpoints = stage_dir / "checkpoints"
+    # The TRL config before the model: under DeepSpeed ZeRO-3 it is what makes from_pretrained load partitioned.
+    config = make_trl_config(method, cfg.args, checkpoints, max_positions(recipe, base))
     model, tokenizer = load_for(method, recipe, base, cfg)
-    config = make_trl_config(method, cfg.args, checkpoints, getattr(model.config, "max_position_embeddings", None))
     task_type = "CAUSAL_LM" if method.model_kind == "causal" else "SEQ_CLS"
     if method.datasets:  # the method's own builder: the same dict, plus ``trainer_kwargs`` (e.g. reward_funcs)
         data = _import(method.datasets)(
@@ -477,12 +479,49 @@ def train(
             trainer.train(resume_from_checkpoint=resume)
     finally:
         step_metrics.close()  # buffered per-step metrics are written here, after the loop, not inside it
-    model_dir = save_final_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, stage_dir / "model")
+    merge_into = None if quantization_config(cfg.lora) else lambda: whole_base(method, recipe, base, cfg)
+    model_dir = save_trained(trainer, tokenizer, stage_dir / "model", merge_into)
     history = list(trainer.state.log_history)
     metrics = summarise(history)
     metrics["resumed_from_step"] = int(resume.rsplit("-", 1)[1]) if resume else 0
     metrics.update({k: v for k, v in data.items() if k.endswith(("_rows", "_too_long"))})
     return model_dir, metrics, history
+
+
+def save_trained(trainer, tokenizer, out_dir: Path, load_base: Callable | None) -> Path:
+    """The trained model through the trainer's own ``save_model``, called on every rank (ZeRO-3 and FSDP gather
+    their shards there; only rank 0 writes), then made the stage's final folder by rank 0 alone
+    (``finalise_model_folder``: a LoRA adapter merged into ``load_base()``, stop tokens, tokenizer), behind
+    barriers, so no rank returns before the folder is whole."""
+    saved = out_dir.parent / ".saved"
+    if ranks.is_main():
+        shutil.rmtree(saved, ignore_errors=True)  # a crashed earlier save: start clean
+    ranks.barrier()
+    trainer.save_model(str(saved))
+    ranks.barrier()
+    if ranks.is_main():
+        finalise_model_folder(saved, tokenizer, out_dir, load_base)
+    ranks.barrier()
+    return out_dir
+
+
+def whole_base(method: Method, recipe, base: str, cfg):
+    """The base loaded again on rank 0 alone, whole (to merge LoRA into): a ZeRO-3 config left set would make
+    from_pretrained partition it and wait for the other ranks. Training is over; nothing else reads that config."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    return load_for(method, recipe, base, cfg)[0]
+
+
+def max_positions(recipe, base: str) -> int | None:
+    """The base's position limit, read from its config (no weights): caps the TRL config's ``max_length``."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        base, revision=model_revision(recipe.model, base), trust_remote_code=recipe.model.trust_remote_code
+    )
+    return getattr(config, "max_position_embeddings", None)
 
 
 def summarise(history: list[dict]) -> dict:
@@ -519,10 +558,11 @@ def train_stage(
     stage_root = Path(output_root or default_runs_root()) / recipe.name / tracking.read_dataset_version(dataset_dir)
     base = resolve_base(recipe, section, dataset_dir, base_model, stage_root)
     stage_dir = stage_root / f"{section}-{training_stage_key(recipe, method, dataset_dir, base, extra_train, inputs)}"
-    done = finished(stage_dir)
+    # Ranks of one accelerate launch decide together, on rank 0's view under rank 0's lock (tasks/runtime/ranks.py).
+    done = finished(stage_dir) if ranks.world_size() == 1 else None
     if done is None:  # one run trains a folder at a time: a concurrent run of this stage waits, then reuses it
-        with folder_lock(stage_dir, f"{section}: stage {stage_dir}"):
-            if (done := finished(stage_dir)) is None:
+        with ranks.main_only(folder_lock(stage_dir, f"{section}: stage {stage_dir}")):
+            if (done := ranks.agree(finished(stage_dir))) is None:
                 args = (method, recipe, dataset_dir, base, stage_dir, extra_train, callbacks, evaluate, inputs)
                 return _train_and_record(section, *args)
     run_id = tracking.stage_run_here(recipe, section, stage_dir, done["run_id"], dataset_dir)  # store changed?
@@ -534,6 +574,11 @@ def _train_and_record(
 ) -> StageResult:
     quiet()  # imports transformers: only when the stage really trains
     stage_dir.mkdir(parents=True, exist_ok=True)
+    if not ranks.is_main():  # another rank of an accelerate launch: its shard of the training, no tracking
+        train(method, recipe, dataset_dir, base, stage_dir, extra_train, callbacks, inputs)
+        ranks.barrier()  # rank 0 has evaluated, tracked and written result.json
+        done = finished(stage_dir)
+        return StageResult(section, stage_dir / "model", done["metrics"], done["run_id"])
     params = {
         **tracking.stage_params(recipe, section, method.name, base),
         **{k: str(v) for k, v in (inputs or {}).items()},
@@ -542,7 +587,7 @@ def _train_and_record(
         model_dir, metrics, history = train(
             method, recipe, dataset_dir, base, stage_dir, extra_train, callbacks, inputs
         )
-        if evaluate is not None:
+        if evaluate is not None:  # held-out metrics: rank 0 alone
             metrics.update(evaluate(model_dir, base, dataset_dir))
         tracking.log_summary(metrics)
         tracking.log_curves(history, method.plots)
@@ -559,6 +604,7 @@ def _train_and_record(
     partial.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     partial.replace(stage_dir / "result.json")
     shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True) if _drop_checkpoints() else None
+    ranks.barrier()  # the other ranks read result.json after this
     return StageResult(section, model_dir, metrics, run_id)
 
 
