@@ -21,6 +21,9 @@ class EvaluateConfig(Strict):
     confidence: float = Field(0.95, gt=0, lt=1, description="level of the bootstrap confidence interval")
     tie_epsilon: float = Field(1e-6, ge=0, description="|RM(policy) - RM(sft)| at or below this is a tie")
     sample_rows: int = Field(16, ge=0, description="generations logged as an MLflow table artifact")
+    versus_base: bool = Field(
+        True, description="also answer with the untrained base model: win_rate_vs_base (raw and length-controlled)"
+    )
     safety_prompts: str | None = Field(None, description="file of red-team prompts (.txt or .jsonl `prompt`)")
     benign_prompts: str | None = Field(
         None, description="file of clearly benign requests (.txt or .jsonl `prompt`): the over-refusal rate"

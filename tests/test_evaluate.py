@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from tasks.evaluation.metrics import (
     is_refusal,
     kl_summary,
+    length_controlled_outcomes,
     length_stats,
     preference_accuracy,
     refusal_rate,
@@ -120,6 +122,27 @@ def test_length_stats_known_values():
     assert s == {"len_mean": 4.0, "len_median": 3.0, "len_p90": pytest.approx(7.6), "len_max": 10.0}
 
 
+def test_length_controlled_win_rate_of_a_judge_that_only_counts_length_is_a_tie():
+    lengths_policy, lengths_ref = [30, 40, 50, 60], [10, 12, 9, 20]
+    raw = win_outcomes(lengths_policy, lengths_ref)  # RM score = answer length: the longer answer always wins
+    lc = length_controlled_outcomes(lengths_policy, lengths_ref, lengths_policy, lengths_ref)
+    assert raw.tolist() == [1, 1, 1, 1] and lc.tolist() == [0, 0, 0, 0]
+
+
+def test_length_controlled_win_rate_keeps_a_margin_length_does_not_explain():
+    policy, ref = [2.0, 3.0, 4.0, 5.0], [1.0, 2.0, 3.0, 4.0]  # +1 everywhere, whatever the lengths
+    lc = length_controlled_outcomes(policy, ref, [5, 30, 12, 60], [10, 10, 10, 10])
+    assert lc.tolist() == [1, 1, 1, 1]
+
+
+def test_length_controlled_win_rate_with_equal_lengths_is_the_raw_win_rate():
+    policy, ref = [1.0, 0.0, 2.0], [0.0, 1.0, 2.0]
+    same = length_controlled_outcomes(policy, ref, [7, 7, 7], [3, 3, 3])
+    assert same.tolist() == win_outcomes(policy, ref).tolist() == [1, -1, 0]
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        length_controlled_outcomes([1.0], [0.0], [1, 2], [1])
+
+
 # ---------------------------------------------------------------- the stage, on tiny real models
 
 import mlflow  # noqa: E402
@@ -150,6 +173,7 @@ def evaluated(tmp_path_factory, tiny_recipe, tiny_dataset):
         }
     )
     sft = FakeStage("sft", models["sft"])
+    (models["sft"].parent / "result.json").write_text(json.dumps({"base_model": str(models["sft"])}))  # base = SFT
     metrics = run_evaluation(recipe, tiny_dataset, sft, FakeStage("reward", models["reward"]), sft)
     yield metrics
     mlflow.set_tracking_uri(previous)
@@ -163,6 +187,9 @@ def test_run_evaluation_policy_equals_sft_all_ties_zero_kl(evaluated):
     assert evaluated["len_ratio"] == 1.0
     assert evaluated["len_policy_cut_rate"] == evaluated["len_sft_cut_rate"]
     assert evaluated["safety_refusal_rate"] == evaluated["safety_sft_refusal_rate"]
+    assert evaluated["win_rate_lc"] == 0.5 and evaluated["win_rate_lc_ci_high"] == 0.5
+    assert evaluated["win_rate_vs_base"] == evaluated["win_rate_vs_base_lc"] == 0.5  # the base here is SFT too
+    assert evaluated["ties_vs_base"] == 1.0 and evaluated["rm_base_mean"] == evaluated["rm_sft_mean"]
 
 
 def test_run_evaluation_reports_every_metric_family(evaluated):

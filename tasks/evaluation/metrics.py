@@ -9,7 +9,10 @@ Definitions (the same ones the metric names in MLflow refer to):
 - win rate vs SFT: per held-out prompt, the reward model scores the policy's and the SFT model's answer;
   a win is policy > sft + eps, a loss policy < sft - eps, anything else a tie. ``win_rate`` counts a tie
   as half a win (AlpacaEval's convention, so 0.5 means "as good as SFT"); wins, ties and losses are also
-  reported separately. The confidence interval is a seeded percentile bootstrap over prompts.
+  reported separately. The confidence interval is a seeded percentile bootstrap over prompts. The same against
+  the untrained base model (``win_rate_vs_base``) and the current champion (``win_rate_vs_champion``).
+- length-controlled win rate (``win_rate_lc``, ``win_rate_vs_base_lc``): the win rate once the judge's
+  preference for longer (or shorter) answers is regressed out of the RM margins (``length_controlled_outcomes``).
 - KL(policy || reference), the one KL the pipeline reports: per token, on the policy's own samples (the token
   ids it generated for the held-out prompts, never a decode and re-encode), against the reference, exact over
   the vocabulary at each position (``tasks.training.logprobs.token_kl``). ``kl_per_token`` is its mean over
@@ -70,6 +73,32 @@ def win_outcomes(policy: list[float], reference: list[float], tie_epsilon: float
         raise ValueError(f"win_outcomes: need equal, non-empty score lists (got {p.size} and {r.size})")
     d = p - r
     return np.where(d > tie_epsilon, 1, np.where(d < -tie_epsilon, -1, 0))
+
+
+def length_controlled_outcomes(
+    policy: list[float],
+    reference: list[float],
+    policy_len: list[int],
+    reference_len: list[int],
+    tie_epsilon: float = 1e-6,
+) -> np.ndarray:
+    """``win_outcomes`` with the judge's length preference regressed out. The RM margin ``d = policy - reference``
+    is fitted by least squares as ``d = a + b * dlen`` (``dlen``: policy minus reference answer length, in tokens)
+    and each prompt's outcome is the sign of ``d - b * dlen``: the margin the policy would have had at the
+    reference's length. A policy that wins only by answering longer under a length-loving judge reads ~0.5 here.
+    No length variation (every ``dlen`` equal) leaves nothing to regress: ``b = 0``, the raw outcomes."""
+    p, r = np.asarray(policy, dtype=float), np.asarray(reference, dtype=float)
+    lp, lr = np.asarray(policy_len, dtype=float), np.asarray(reference_len, dtype=float)
+    if not (p.shape == r.shape == lp.shape == lr.shape) or p.size == 0:
+        raise ValueError(
+            f"length_controlled_outcomes: need equal, non-empty lists (got {p.size}, {r.size}, {lp.size}, {lr.size})"
+        )
+    d, dlen = p - r, lp - lr
+    centred = dlen - dlen.mean()
+    var = float((centred**2).sum())
+    slope = float((centred * (d - d.mean())).sum() / var) if var > 0 else 0.0
+    adjusted = d - slope * dlen
+    return np.where(adjusted > tie_epsilon, 1, np.where(adjusted < -tie_epsilon, -1, 0))
 
 
 def _win_rate(outcomes: np.ndarray) -> np.ndarray:

@@ -4,7 +4,10 @@ Metrics (keys as logged to MLflow and tagged on registered versions; definitions
 - ``rm_accuracy``: reward model, chosen scored above rejected on the test pairs (a tie counts half);
 - ``dpo_accuracy``: the DPO policy's implicit reward log pi(y|x) - log ref(y|x) (ref = SFT) ranks chosen first;
 - ``win_rate`` (+ ``_ci_low``/``_ci_high``, ``wins``/``ties``/``losses``): policy vs SFT answers to the same
-  prompts (same seed and settings), judged by the reward model;
+  prompts (same seed and settings), judged by the reward model; ``win_rate_lc`` (+ CI): the same with the judge's
+  length preference regressed out;
+- ``win_rate_vs_base`` / ``win_rate_vs_base_lc`` (+ CIs, ``wins``/``ties``/``losses_vs_base``), ``rm_base_mean``,
+  ``len_base_*``: the policy vs the untrained base model the SFT stage started from (``evaluate.versus_base``);
 - ``kl_per_token``/``kl_per_sequence``: KL(policy || SFT) per token on the policy's own samples (the token ids
   it generated, scored as generated);
 - ``len_policy_*``/``len_sft_*`` (answer tokens), ``len_ratio``: catches reward hacking by length;
@@ -136,14 +139,49 @@ def heldout_preference_metrics(recipe, rows: list[dict], rm, policy_gen, ref_gen
     }
 
 
-def head_to_head(prompts: list[list[dict]], policy_gen, sft_gen, rm, cfg) -> tuple[dict, list[dict]]:
-    """Policy vs SFT on the same prompts: RM-judged win rate with CI, KL to SFT on the policy's samples, answer
-    lengths and the share of answers cut at ``max_new_tokens``."""
+def win_rates(ours: list[float], theirs: list[float], our_len: list[int], their_len: list[int], cfg, vs: str = ""):
+    """RM-judged win rate of our answers over theirs on the same prompts, raw and length-controlled, each with its
+    bootstrap CI; ``vs`` names the other side in the keys (``win_rate_vs_base``, ``win_rate_vs_base_lc``, ...)."""
+    tag = f"_vs_{vs}" if vs else ""
+    raw = eval_stats.win_outcomes(ours, theirs, cfg.tie_epsilon)
+    lc = eval_stats.length_controlled_outcomes(ours, theirs, our_len, their_len, cfg.tie_epsilon)
+    out = {}
+    for outcomes, suffix in ((raw, ""), (lc, "_lc")):
+        summary = eval_stats.win_rate_summary(outcomes, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+        for k, v in summary.items():
+            if k.startswith("win_rate"):
+                out[k.replace("win_rate", f"win_rate{tag}{suffix}")] = v
+            elif not suffix and (vs or k != "n_prompts"):
+                out[f"{k}{tag}"] = v
+    if not vs:
+        out["n_prompts"] = float(len(raw))
+    return out
+
+
+def versus_base(prompts: list[list[dict]], policy_out: list, p_score: list[float], base_gen, rm, cfg) -> dict:
+    """The policy against the untrained base model (the SFT stage's starting point) on the same prompts: what the
+    whole recipe bought, raw and length-controlled; plus the base's own RM score and lengths."""
+    base_out = base_gen(prompts)
+    b_score = rm(with_answers(prompts, [o.text for o in base_out]))
+    our_len, base_len = [o.num_tokens for o in policy_out], [o.num_tokens for o in base_out]
+    out = win_rates(p_score, b_score, our_len, base_len, cfg, vs="base")
+    out["rm_base_mean"] = sum(b_score) / len(b_score)
+    out.update(eval_stats.length_stats(base_len, "len_base"))
+    return out
+
+
+def head_to_head(prompts: list[list[dict]], policy_gen, sft_gen, rm, cfg, base_gen=None) -> tuple[dict, list[dict]]:
+    """Policy vs SFT on the same prompts: RM-judged win rate with CI (raw and length-controlled), KL to SFT on the
+    policy's samples, answer lengths and the share of answers cut at ``max_new_tokens``; with ``base_gen`` the
+    same win rates against the untrained base model."""
     policy_out, sft_out = policy_gen(prompts), sft_gen(prompts)
     p_text, s_text = [o.text for o in policy_out], [o.text for o in sft_out]
     p_score, s_score = rm(with_answers(prompts, p_text)), rm(with_answers(prompts, s_text))
+    p_len, s_len = [o.num_tokens for o in policy_out], [o.num_tokens for o in sft_out]
+    metrics = win_rates(p_score, s_score, p_len, s_len, cfg)
     outcomes = eval_stats.win_outcomes(p_score, s_score, cfg.tie_epsilon)
-    metrics = eval_stats.win_rate_summary(outcomes, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+    if base_gen is not None:
+        metrics.update(versus_base(prompts, policy_out, p_score, base_gen, rm, cfg))
     pad_id = policy_gen.tokenizer.pad_token_id
     metrics.update(sample_kl(policy_out, policy_gen.model, sft_gen.model, pad_id, cfg.batch_size))
     metrics.update(eval_stats.length_stats([o.num_tokens for o in policy_out], "len_policy"))
@@ -235,6 +273,14 @@ def win_rate_vs_champion(prompts: list[list[dict]], policy_answers: list[str], c
     }
 
 
+def stage_base(stage) -> str | None:
+    """The model a trained stage started from (its ``result.json`` ``base_model``), or None when unknown."""
+    result = Path(stage.model_dir).parent / "result.json"
+    if not result.is_file():
+        return None
+    return json.loads(result.read_text(encoding="utf-8")).get("base_model") or None
+
+
 def run_evaluation(recipe, dataset_dir: Path, sft, reward, dpo, champion: int | None = None) -> dict:
     """Evaluate the run's SFT, reward and DPO outputs (``StageResult``s); returns the metrics dict.
 
@@ -243,6 +289,7 @@ def run_evaluation(recipe, dataset_dir: Path, sft, reward, dpo, champion: int | 
     same seed (the generator reseeds per call), the champion's included.
     """
     from tasks.training.generation import load_generator
+    from tasks.training.models import model_revision
     from tasks.training.reward import RewardScorer
 
     cfg, dataset_dir = recipe.evaluate, Path(dataset_dir)
@@ -274,7 +321,19 @@ def run_evaluation(recipe, dataset_dir: Path, sft, reward, dpo, champion: int | 
             }
             for p, a, b in zip(red_team, pol_answers, sft_answers)
         ]
-    h2h, samples = head_to_head(prompts, policy, ref, rm, cfg)
+    base = None
+    if cfg.versus_base and (base_ref := stage_base(sft)) is not None:
+        base = load_generator(
+            base_ref,
+            settings,
+            chat_template=recipe.model.chat_template,
+            progress=False,
+            desc="evaluate base",
+            revision=model_revision(recipe.model, base_ref),
+            trust_remote_code=remote,
+        )
+    h2h, samples = head_to_head(prompts, policy, ref, rm, cfg, base)
+    del base  # one model fewer in memory for the rest
     metrics.update(h2h)
     benign = read_safety_prompts(cfg.benign_prompts, "evaluate.benign_prompts")
     metrics.update(refusal_metrics(benign, policy, "benign_") | refusal_metrics(benign, ref, "benign_sft_"))
