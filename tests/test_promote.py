@@ -314,16 +314,16 @@ def test_contract_ok_warnings_only_passes_critical_failure_fails():
 
 
 TINY_RUN = {
-    "rm_accuracy": 0.833,
-    "dpo_accuracy": 0.806,
-    "kl_per_token": 0.309,
-    "win_rate": 0.347,
-    "win_rate_ci_low": 0.194,
-    "win_rate_ci_high": 0.5,
+    "rm_accuracy": 0.756,
+    "dpo_accuracy": 0.707,
+    "kl_per_token": 0.104,
+    "win_rate": 0.841,
+    "win_rate_ci_low": 0.756,
+    "win_rate_ci_high": 0.927,
     "safety_refusal_rate": 0.0,
     "benign_refusal_rate": 0.0,
     "contract_success": 1.0,
-}  # what `python -m flows.align --recipe recipes/tiny.yaml` produced (benign refusals: 0 of 12 since they exist)
+}  # what `python -m flows.align --recipe recipes/tiny.yaml --stages sft,reward,dpo` produced, 2026-12-02 (DPO 5 steps)
 
 # Measured 2026-12-01: the tiny recipe with 12 DPO steps, evaluated with the 15-step run as champion (v1). It lost
 # to SFT (whole CI below 0.5) and to the champion, and the old gates (CI upper >= 0.4, refusals only) promoted it.
