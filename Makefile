@@ -56,7 +56,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 test: install lint
-	$(VPY) -m pytest -n 2 --timeout 900 $(PYTEST_ARGS)
+	$(VPY) -m pytest -n 2 --timeout 900 --durations 25 $(PYTEST_ARGS)
 
 ingest: install
 	$(VPY) -m flows.ingest --recipe $(RECIPE)

@@ -51,6 +51,7 @@ def setup_env(work: Path) -> None:
         HF_DATASETS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
     )
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a busy machine: 20 s fails
 
 
 def local_recipe(rows: Path, work: Path, quick: bool) -> Path:
@@ -136,15 +137,15 @@ def row(label: str, values: list) -> str:
     return f"{label:<44}" + "".join(f"{c:>20}" for c in cells)
 
 
-def ci(m: dict, prefix: str) -> str | None:
-    if f"{prefix}win_rate" not in m:
+def ci(m: dict, prefix: str, key: str = "win_rate") -> str | None:
+    key = prefix + key
+    if key not in m:
         return None
-    return f"{m[prefix + 'win_rate']:.3f} [{m[prefix + 'win_rate_ci_low']:.2f}, {m[prefix + 'win_rate_ci_high']:.2f}]"
+    return f"{m[key]:.3f} [{m[key + '_ci_low']:.2f}, {m[key + '_ci_high']:.2f}]"
 
 
 def print_table(evaluation: dict, cmp: dict, seconds: dict, total: float, cpu: float) -> None:
     b, s, d = cmp["base"], cmp["sft"], cmp["dpo"]
-    lc = [k for k in evaluation if "length_controlled" in k or k.startswith("lc_")]
     print("\n" + row("metric (held-out real harmless-base rows)", ["base", "SFT", "DPO"]))
     lines = [
         ("RM accuracy on held-out pairs (the RM)", [None, None, evaluation.get("rm_accuracy")]),
@@ -152,6 +153,8 @@ def print_table(evaluation: dict, cmp: dict, seconds: dict, total: float, cpu: f
         ("RM score of the answers, mean", [b.get("rm_mean"), s.get("rm_mean"), d.get("rm_mean")]),
         ("win rate vs base [95% CI]", [None, ci(s, "vs_base."), ci(d, "vs_base.")]),
         ("win rate vs SFT [95% CI]", [None, None, ci(d, "vs_sft.")]),
+        ("win rate vs SFT, length-controlled [95% CI]", [None, None, ci(evaluation, "", "win_rate_lc")]),
+        ("win rate vs base, length-controlled [95% CI]", [None, None, ci(evaluation, "", "win_rate_vs_base_lc")]),
         (
             "KL per token to the row before it (nats)",
             [None, s.get("vs_base.kl_per_token"), d.get("vs_sft.kl_per_token")],
@@ -168,11 +171,8 @@ def print_table(evaluation: dict, cmp: dict, seconds: dict, total: float, cpu: f
             [b.get("benign_refusal_rate"), s.get("benign_refusal_rate"), d.get("benign_refusal_rate")],
         ),  # noqa: E501
     ]
-    lines += [(f"{k} (evaluation)", [None, None, evaluation[k]]) for k in lc]
     for label, values in lines:
         print(row(label, values))
-    if not lc:
-        print(row("length-controlled win rate", ["not reported by the evaluate stage", "", ""]))
     print("\nwall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     print(f"pipeline (flows.align) {total:.0f} s wall, {cpu:.0f} s CPU of this process")
     print("\ngoals (issue 10, pipeline evaluation, DPO vs SFT):")

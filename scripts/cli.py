@@ -80,9 +80,18 @@ def one_line(e: BaseException) -> str:
 @contextmanager
 def prefect_mode():
     """Point Prefect at the server this command should use, say which on stderr, and keep telemetry off."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
 
     updates: dict = {PREFECT_SERVER_ANALYTICS_ENABLED: False}
+    # A temporary server on a busy 2-core machine takes 20-40 s to answer: Prefect's default wait (20 s) failed
+    # there with "Timed out while attempting to connect to ephemeral Prefect API server". Ours: 120 s, unless set.
+    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" not in os.environ:
+        updates[PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS] = 120
     if os.environ.get("PREFECT_API_URL"):
         line = f"prefect: the server at {os.environ['PREFECT_API_URL']} (PREFECT_API_URL)"
     else:

@@ -162,4 +162,4 @@ def test_dpo_heldout_metrics_load_models_in_the_stage_dtype(tiny, tiny_recipe, t
     recipe = tiny_recipe.model_copy(update={"model": tiny_recipe.model.model_copy(update={"torch_dtype": "bfloat16"})})
     metrics = dpo_heldout_metrics(recipe)(folders["sft"], str(folders["sft"]), tiny_dataset)
     assert loaded == [torch.bfloat16, torch.bfloat16]
-    assert metrics["step0_reward_accuracy"] == 0.5 and metrics["heldout_pairs"] > 0
+    assert 0 <= metrics["final_reward_accuracy"] <= 1 and metrics["heldout_pairs"] > 0

@@ -44,8 +44,7 @@ def test_tiny_recipe_end_to_end_learns_reloads_and_is_tracked(tiny_dataset, tmp_
     assert sft.metrics["train_loss_last"] < 0.5 * sft.metrics["train_loss_first"]
     assert sft.metrics["eval_loss_min"] < sft.metrics["eval_loss_first"]
     assert rm.metrics["final_accuracy"] > 0.6 and rm.metrics["mean_margin"] > 0
-    assert dpo.metrics["step0_reward_accuracy"] == pytest.approx(0.5, abs=0.05)
-    assert dpo.metrics["final_reward_accuracy"] >= dpo.metrics["step0_reward_accuracy"] + 0.15
+    assert dpo.metrics["final_reward_accuracy"] >= 0.65  # step 0 is 0.5 by construction (policy = reference)
     assert dpo.metrics["final_reward_margin"] > 0 and rm.metrics["heldout_cut"] == 0
 
     # Every output folder is a plain HF folder (LoRA merged), with its tokenizer.

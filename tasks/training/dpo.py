@@ -5,7 +5,8 @@ Held-out metrics (on the validation split; test is the evaluate stage's) are com
 method, against the stage's base model as reference,
 in the stage's dtype on the training device: implicit reward r = beta * (log pi(y|x) - log ref(y|x)) from the
 one log-prob helper (tasks/training/logprobs.py); accuracy is the one ``preference_accuracy`` (a tie counts
-half, so the untrained policy, pi == ref, scores exactly 0.5 at step 0). KL is not reported here: its one
+half, so the untrained policy, pi == ref, scores exactly 0.5 at step 0: not computed). Held-out pairs longer than
+the stage's ``max_length`` are left out and counted, as training drops them. KL is not reported here: its one
 definition (per token, on the policy's own samples) is the evaluate stage's ``kl_per_token``.
 """
 
@@ -19,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.evaluation.metrics import preference_accuracy
 from tasks.training.logprobs import answer_stats, inference_device, split_prompt_answer
-from tasks.training.stage import StageResult, read_rows, stage_dtype, train_stage
+from tasks.training.stage import StageResult, read_rows, stage_dtype, stage_max_length, train_stage
 
 __all__ = ["StageResult", "dpo_beta", "dpo_stage", "train_dpo", "implicit_rewards", "dpo_preference_metrics"]
 
@@ -53,6 +54,23 @@ def dpo_preference_metrics(policy, ref, tokenizer, rows: list[dict], beta: float
     }
 
 
+def rows_within(tokenizer, rows: list[dict], max_length: int | None, source: str = "rows") -> tuple[list[dict], int]:
+    """The pairs whose chosen and rejected conversations both fit ``max_length`` tokens (training drops the others
+    the same way: never truncated), and how many did not. Long held-out pairs were most of a real model's
+    held-out cost on CPU (SmolLM2, hh-rlhf rows up to ~600 tokens) and measure what training never saw."""
+    if not max_length:
+        return rows, 0
+
+    def fits(i: int, r: dict) -> bool:
+        return all(
+            sum(map(len, split_prompt_answer(tokenizer, r["prompt"], r[side], f"{source} row {i}"))) <= max_length
+            for side in ("chosen", "rejected")
+        )
+
+    kept = [r for i, r in enumerate(rows) if fits(i, r)]
+    return kept, len(rows) - len(kept)
+
+
 def dpo_heldout_metrics(recipe):
     def dpo_heldout(model_dir: Path, base: str, dataset_dir: Path) -> dict:
         from tasks.training.models import load_causal_lm, load_tokenizer
@@ -64,16 +82,16 @@ def dpo_heldout_metrics(recipe):
         ref = load_causal_lm(base, dtype=dtype, tokenizer=tokenizer, trust_remote_code=remote).to(device).eval()
         beta = dpo_beta(recipe)
         split = Path(dataset_dir) / "validation.parquet"
-        rows = read_rows([split])
-        start = dpo_preference_metrics(ref, ref, tokenizer, rows, beta, str(split))
+        rows, too_long = rows_within(tokenizer, read_rows([split]), stage_max_length(recipe, "dpo"), str(split))
+        # No step-0 pass: the policy starts as the reference, so every step-0 implicit reward is 0 (accuracy 0.5).
         end = dpo_preference_metrics(policy, ref, tokenizer, rows, beta, str(split))
         return {
-            "step0_reward_accuracy": start["reward_accuracy"],
             "final_reward_accuracy": end["reward_accuracy"],
             "final_reward_margin": end["reward_margin"],
             "final_chosen_reward": end["chosen_reward"],
             "final_rejected_reward": end["rejected_reward"],
             "heldout_pairs": len(rows),
+            "heldout_pairs_too_long": too_long,
         }
 
     return dpo_heldout

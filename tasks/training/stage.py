@@ -505,6 +505,15 @@ def save_trained(trainer, tokenizer, out_dir: Path, load_base: Callable | None) 
     return out_dir
 
 
+def stage_max_length(recipe, section: str) -> int | None:
+    """The token limit a stage trains with: ``<section>.args.max_length``, else its TRL config's default."""
+    cfg = getattr(recipe, section)
+    if "max_length" in cfg.args:
+        return cfg.args["max_length"]
+    fields = dataclasses.fields(_import(method_for(recipe, section).config))
+    return next((f.default for f in fields if f.name == "max_length"), None)
+
+
 def whole_base(method: Method, recipe, base: str, cfg):
     """The base loaded again on rank 0 alone, whole (to merge LoRA into): a ZeRO-3 config left set would make
     from_pretrained partition it and wait for the other ranks. Training is over; nothing else reads that config."""
