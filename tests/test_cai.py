@@ -343,3 +343,138 @@ def test_critique_and_revise_tiny_model_same_seed_same_outputs(tiny_model):
     first = once()
     assert first == once()
     assert len({o[1].text for o in first}) > 1
+
+
+# ---------------------------------------------------------------- CAI in the align flow: SL-CAI SFT, rescore
+
+
+def _write_pairs(path: Path, ids: list[str]) -> Path:
+    msgs = lambda text: [{"role": "user" if text.startswith("q") else "assistant", "content": text}]
+    rows = [
+        {
+            "id": i,
+            "source": "cai/p0",
+            "source_row": n,
+            "prompt": msgs(f"q {i}"),
+            "chosen": msgs(f"revision {i}"),
+            "rejected": msgs(f"initial {i}"),
+            "score_chosen": None,
+            "score_rejected": None,
+            "prompt_hash": f"h{i}",
+        }
+        for n, i in enumerate(ids)
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=PREFERENCE_SCHEMA), path)
+    return path
+
+
+def _cai_result(out: Path, pairs: list[str], mix: dict[str, list[str]]):
+    from tasks.cai.stage import CAIResult
+
+    files = {"pairs": _write_pairs(out / "pairs.parquet", pairs)}
+    mixes = {k: _write_pairs(out / "mix" / f"{k}.parquet", v) for k, v in mix.items()}
+    return CAIResult(out, files, mixes, {"pairs": len(pairs)}, None)
+
+
+def test_heldout_rescore_every_pair_in_reward_training_reports_count_zero_and_no_score(tmp_path):
+    from tasks.cai.stage import heldout_rescore
+
+    cai = _cai_result(tmp_path / "cai", ["a", "b", "c"], {"reward": ["a", "b", "c"]})
+    (tmp_path / "rm").mkdir()
+    metrics = heldout_rescore(cai, tmp_path / "rm")  # no held-out pair: no model is loaded
+    assert metrics == {"cai_rescore_pairs": 3, "cai_rescore_reward_train_pairs": 3, "cai_rescore_heldout_pairs": 0}
+    assert json.loads((tmp_path / "cai" / "rescore.json").read_text())["metrics"] == metrics
+
+
+def test_supervised_cai_mix_without_rows_skips_second_sft_and_says_why(tmp_path, capsys):
+    from flows.align import supervised_cai
+    from tasks.training.stage import StageResult
+
+    recipe = load_recipe(TINY_RECIPE)
+    sft = StageResult("sft", tmp_path / "sft" / "model", {"train_rows": 10}, None)
+    results = {"sft": sft, "cai": _cai_result(tmp_path / "cai", [], {"sft": [], "reward": [], "dpo": []})}
+    assert supervised_cai(recipe, tmp_path, None, results) == results
+    assert "supervised CAI: skipped (cai mix/sft.parquet has no row" in capsys.readouterr().out
+
+
+def _fast_cai_recipe(tmp_path: Path) -> Path:
+    """tiny.yaml, 2 steps per stage, 6 CAI prompts, half the CAI pairs into reward training (the rest held out)."""
+    import yaml
+
+    data = yaml.safe_load(TINY_RECIPE.read_text())
+    data["name"] = "slcai"
+    data.pop("rl", None)
+    for stage in ("sft", "reward", "dpo"):
+        data[stage]["args"].update(max_steps=2, eval_strategy="no", save_strategy="no")
+    data["cai"].update(limit=6)
+    data["cai"]["mix"]["reward"] = {"weight": 0.5}
+    data["evaluate"].update(max_prompts=2, max_pairs=4, max_new_tokens=2, bootstrap_samples=20)
+    data["promote"] = {"gates": {"kl": {"metric": "kl_per_token", "op": "<=", "threshold": 1e9}}}
+    path = tmp_path / "slcai.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.slow
+def test_align_with_cai_trains_sft_again_on_revisions_and_rescores_heldout_pairs(tmp_path, monkeypatch, capsys):
+    """sft,cai,reward,dpo through the flow, CAI's generator a deterministic fake that makes well-formed pairs:
+    counted by rows, the second SFT trains on the first's rows + the CAI revisions, reward and DPO on theirs +
+    their CAI share, both from the second SFT; the reward model rescores the CAI pairs it did not train on; an
+    unchanged re-run reuses everything."""
+    from mlflow.tracking import MlflowClient
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    import tasks.training.generation as generation
+    from flows.align import align
+
+    real = generation.load_generator
+
+    def load_generator(ref, *args, desc="generate", **kwargs):  # CAI's models only; evaluation's are real
+        if not desc.startswith("cai"):
+            return real(ref, *args, desc=desc, **kwargs)
+        return lambda convs: [GenOutput(f"answer {len(c)} to {c[-1]['content'][:12]}", False, 4) for c in convs]
+
+    monkeypatch.setattr(generation, "load_generator", load_generator)
+    path = _fast_cai_recipe(tmp_path)
+    dirs = {"output": str(tmp_path / "data"), "runs": str(tmp_path / "runs")}
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
+        results = align(recipe=str(path), stages="sft,cai,reward,dpo", **dirs)
+        out = capsys.readouterr().out
+        again = align(recipe=str(path), stages="sft,cai,reward,dpo", **dirs)
+
+    cai, first, sl = results["cai"], results["sft_generator"], results["sft"]
+    m = cai.metrics
+    assert m["pairs"] == 6 and m["mix_sft_rows"] == 6 and 0 < m["mix_reward_rows"] < 6 and m["mix_dpo_rows"] > 0
+    assert Path(json.loads(cai.files["manifest"].read_text())["model"]).resolve() == Path(first.model_dir).resolve()
+    # the SL-CAI model: the first SFT's rows + every CAI revision, from the same base
+    assert sl.model_dir != first.model_dir
+    assert sl.metrics["train_rows"] == first.metrics["train_rows"] + m["mix_sft_rows"]
+    assert sl.metrics["train_rows_too_long"] == first.metrics["train_rows_too_long"]
+    base = lambda r: Path(json.loads((Path(r.model_dir).parent / "result.json").read_text())["base_model"]).resolve()
+    assert base(sl) == base(first)
+    human = pq.read_metadata(cai.out_dir.parent / "train.parquet").num_rows
+    for stage in ("reward", "dpo"):  # their CAI share on top of the human pairs, from the SL-CAI model
+        r = results[stage]
+        assert r.metrics["train_rows"] + r.metrics["train_rows_too_long"] == human + m[f"mix_{stage}_rows"], stage
+        assert base(r) == Path(sl.model_dir).resolve(), stage
+    # the reward model on the CAI pairs it did not train on, logged into the CAI run
+    rescore = results["cai_rescore"]
+    assert rescore["cai_rescore_reward_train_pairs"] == m["mix_reward_rows"]
+    assert rescore["cai_rescore_heldout_pairs"] == m["pairs"] - m["mix_reward_rows"]
+    assert 0 <= rescore["cai_rescore_heldout_revision_scores_higher_share"] <= 1
+    assert {"cai_rescore_heldout_reward_initial_mean", "cai_rescore_heldout_reward_revision_mean"} <= set(rescore)
+    logged = MlflowClient().get_run(cai.run_id).data.metrics
+    assert {k: logged[k] for k in rescore} == pytest.approx(rescore)
+    # downstream reads the SL-CAI model: <name>-sft is it; the stage table shows both SFT rows
+    mv = MlflowClient().get_model_version("slcai-sft", str(results["versions"]["sft"]))
+    assert mv.run_id == sl.run_id
+    assert "supervised CAI: sft again on the human rows + 6 CAI revision(s)" in out
+    assert [ln.split()[0] for ln in out.splitlines() if ln.split()[:1] in (["sft_generator"], ["sft"])] == [
+        "sft_generator",
+        "sft",
+    ]
+    # unchanged re-run: both SFT folders, CAI, reward, DPO reused; the rescore comes from its cache
+    assert all(again[s].reused for s in ("sft_generator", "cai", "sft", "reward", "dpo"))
+    assert (again["sft_generator"].model_dir, again["sft"].model_dir) == (first.model_dir, sl.model_dir)
+    assert again["cai_rescore"] == rescore and again["versions"] == results["versions"]

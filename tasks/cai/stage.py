@@ -11,7 +11,8 @@ Each round is one batched call of a generator (tasks/generation.py), so a tiny m
 7B model on vLLM run the same code. Outputs, in ``<dataset_dir>/cai/``: preference pairs (chosen =
 revision, rejected = initial; canonical schema, ``source = cai/<principle id>``), SFT rows (prompt +
 revision, TRL ``messages``), quarantine (same codes as human data), samples (the full trace of every
-prompt) and the training mixes the recipe's ``cai.mix`` asks for (``mix/{sft,reward,dpo}.parquet``).
+prompt) and the training mixes the recipe's ``cai.mix`` asks for (``mix/{sft,reward,dpo}.parquet``); after the
+reward stage, ``rescore.json``: the trained reward model on the CAI pairs it did not train on.
 """
 
 from __future__ import annotations
@@ -358,7 +359,7 @@ def cai_stage_key(recipe, dataset_dir: Path, model_ref: str, critic_ref: str) ->
 
 
 def rescore(reward_dir: Path, pairs: pa.Table) -> dict:
-    """Reward of the initial vs the revised response on the accepted pairs (does revising help?)."""
+    """Reward of the initial vs the revised response on ``pairs`` (does revising help, by the reward model?)."""
     from tasks.training.reward import score_conversations
 
     rows = pairs.to_pylist()
@@ -372,6 +373,86 @@ def rescore(reward_dir: Path, pairs: pa.Table) -> dict:
         "reward_revision_mean": sum(revised) / n,
         "revision_scores_higher_share": sum(b > a for a, b in zip(initial, revised)) / n,
     }
+
+
+RESCORE_PREFIX = "cai_rescore_"
+
+
+def heldout_rescore(cai: CAIResult, reward_dir: Path) -> dict:
+    """The trained reward model on the CAI pairs it did *not* train on (revision = chosen vs initial = rejected).
+
+    The reward stage trains on ``mix/reward.parquet`` (a share of the CAI pairs), so scoring those would flatter
+    it; only the held-out pairs (by id) are scored. Metrics: ``cai_rescore_pairs`` (accepted CAI pairs),
+    ``cai_rescore_reward_train_pairs`` (of them in reward training), ``cai_rescore_heldout_pairs`` (the rest),
+    and on the held-out pairs alone ``cai_rescore_heldout_reward_initial_mean`` / ``..._reward_revision_mean`` /
+    ``..._revision_scores_higher_share``; with no held-out pair, no score (count 0). Cached in
+    ``<cai>/rescore.json`` by the pairs, the reward mix and the reward model's content: an unchanged re-run
+    loads no model.
+    """
+    from tasks.training.models import model_identity
+
+    out_dir, reward_dir = Path(cai.out_dir), Path(reward_dir)
+    key = content_hash(
+        {
+            "pairs": content_hash(Path(cai.files["pairs"]).read_bytes()),
+            "reward_mix": content_hash(Path(cai.mix["reward"]).read_bytes()),
+            "reward_model": model_identity(str(reward_dir)),
+            "code": CODE_VERSION,
+        }
+    )
+    cache = out_dir / "rescore.json"
+    if cache.is_file() and (done := json.loads(cache.read_text(encoding="utf-8")))["key"] == key:
+        return done["metrics"]
+    pairs = pq.read_table(cai.files["pairs"], columns=["id", "prompt", "chosen", "rejected"])
+    trained = set(pq.read_table(cai.mix["reward"], columns=["id"])["id"].to_pylist())
+    held = [i for i, pid in enumerate(pairs["id"].to_pylist()) if pid not in trained]
+    heldout = pairs.take(pa.array(held, type=pa.int64()))
+    metrics = {
+        f"{RESCORE_PREFIX}pairs": pairs.num_rows,
+        f"{RESCORE_PREFIX}reward_train_pairs": pairs.num_rows - heldout.num_rows,
+        f"{RESCORE_PREFIX}heldout_pairs": heldout.num_rows,
+        **{f"{RESCORE_PREFIX}heldout_{k}": v for k, v in rescore(reward_dir, heldout).items()},
+    }
+    partial = cache.with_suffix(".json.tmp")
+    partial.write_text(json.dumps({"key": key, "metrics": metrics}, indent=2) + "\n", encoding="utf-8")
+    partial.replace(cache)
+    return metrics
+
+
+def log_rescore(recipe, run_id: str | None, metrics: dict) -> bool:
+    """Log the rescore metrics into the CAI stage's run when this tracking store holds it (and they are not
+    there yet); returns whether the run holds them afterwards."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from tasks.registry.tracking import metric_name, run_in_store, setup
+
+    if run_id is None:
+        return False
+    if mlflow.active_run() is None:
+        setup(recipe)
+    client = MlflowClient()
+    if not run_in_store(client, run_id):
+        print(f"cai rescore: the CAI run {run_id} is not in this tracking store; metrics not logged")
+        return False
+    logged = client.get_run(run_id).data.metrics
+    now = int(time.time() * 1000)
+    new = [Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items() if logged.get(metric_name(k)) != v]
+    if new:
+        client.log_batch(run_id, metrics=new)
+    return True
+
+
+@task(name="cai-rescore", cache_policy=NO_CACHE)  # keyed by content in heldout_rescore
+def cai_rescore_stage(recipe, cai: CAIResult, reward) -> dict:
+    """Flow entry, after the reward stage: ``reward`` is its StageResult. The held-out rescore metrics, also
+    logged into the CAI stage's MLflow run."""
+    metrics = heldout_rescore(cai, Path(reward.model_dir))
+    log_rescore(recipe, cai.run_id, metrics)
+    return metrics
 
 
 def check_contract(recipe, tables: CAITables, principles: list[Principle], docs_dir: Path):
@@ -475,7 +556,6 @@ def run_cai(
     recipe,
     dataset_dir: Path,
     sft_model_dir: Path | None = None,
-    reward_dir: Path | None = None,
     generate: Generator | None = None,
     critic: Generator | None = None,
 ) -> CAIResult:
@@ -547,8 +627,6 @@ def run_cai(
             **{f"quarantine_{k}": v for k, v in tables.reasons.items()},
             **{f"principle_{k}": v for k, v in sorted(Counter(p.id for p in principles).items())},
         }
-        if reward_dir is not None:
-            metrics.update(rescore(Path(reward_dir), tables.pairs))
         human_rows = pq.read_metadata(dataset_dir / "train.parquet").num_rows
         mixes = {
             name: mix_rows(tables.pairs, getattr(cfg.mix, name), human_rows, cfg.seed)
@@ -583,12 +661,8 @@ def _result(out_dir: Path, manifest: dict, reused: bool, files: dict | None = No
 
 
 @task(name="cai", cache_policy=NO_CACHE)  # reuse is keyed by content in run_cai, not by Prefect's cache
-def cai_stage(recipe, dataset_dir: Path, sft, output_root: Path | None = None, reward=None) -> CAIResult:
-    """Flow entry: ``sft``/``reward`` are earlier StageResults (reward optional). Outputs live beside the
-    dataset (``<dataset_dir>/cai``); ``output_root`` is accepted for the stage signature and unused."""
-    return run_cai(
-        recipe,
-        Path(dataset_dir),
-        sft.model_dir if sft is not None else None,
-        reward.model_dir if reward is not None else None,
-    )
+def cai_stage(recipe, dataset_dir: Path, sft, output_root: Path | None = None) -> CAIResult:
+    """Flow entry: ``sft`` is the SFT StageResult (None: the recipe's cai.model). Outputs live beside the
+    dataset (``<dataset_dir>/cai``); ``output_root`` is accepted for the stage signature and unused. The
+    reward model rescores the pairs later, after the reward stage (``cai_rescore_stage``)."""
+    return run_cai(recipe, Path(dataset_dir), sft.model_dir if sft is not None else None)
