@@ -163,7 +163,14 @@ def test_remote_code_runs_only_when_the_recipe_sets_trust_remote_code(tmp_path, 
     assert type(model).__name__ == "CustomModel" and marker.is_file()
 
 
+# Loaders that read JSON and tensors only, never a repository's Python code: PEFT adapters (over a base model
+# loaded with the flag) and generation configs.
+NO_CODE_LOADERS = ("PeftModel", "GenerationConfig")
+
+
 def _passes_trust_remote_code(call: ast.Call, function_source: str) -> bool:
+    if getattr(getattr(call.func, "value", None), "id", None) in NO_CODE_LOADERS:
+        return True
     names = {k.arg for k in call.keywords}
     if "trust_remote_code" in names or "gguf_file" in names:  # a GGUF file carries no code
         return True
