@@ -51,6 +51,9 @@ def make_fast_recipe(folder: Path) -> Path:
     for stage, steps in (("sft", 8), ("reward", 8), ("dpo", 6)):
         args = data.setdefault(stage, {}).setdefault("args", {})
         args.update(max_steps=steps, eval_strategy="no", save_steps=4)
+    # Orchestration is under test, not the metrics: a small CAI and evaluation (the scenario runs align/full 5x).
+    data["cai"]["limit"] = 4
+    data["evaluate"].update(max_prompts=4, max_pairs=8, max_new_tokens=8, bootstrap_samples=50)
     path = folder / "tiny-fast.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
