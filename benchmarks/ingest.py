@@ -1,15 +1,20 @@
 """Ingest benchmark: our whole data path vs the usual `datasets.map` conversion, same rows, same run.
 
-    .venv/bin/python -m benchmarks.ingest [--rows 160000]
+    .venv/bin/python -m benchmarks.ingest [--rows 160000,1600000]
 
 Builds N unique hh-rlhf rows (the real rows in ../shared/data, each made unique by a counter in its first
-human turn), then times two whole processes on them:
+human turn: real shape, ~1.4 KB per multi-turn row), then times whole processes on them, one after the other:
 - baseline: `datasets.load_dataset("json")` + `.map` with TRL's example hh-rlhf conversion
-  (examples/datasets/hh-rlhf-helpful-base.py: string common prefix, regex split), `num_proc=2`, to Parquet;
-  it neither validates nor quarantines.
-- ours: `tasks.data.dataset.build_dataset` (parse, clean, dedupe, split, Great Expectations contract with Data
-  Docs, atomic Parquet write, manifest).
-Wall time includes interpreter start and imports; peak RSS is each process's own (os.wait4).
+  (examples/datasets/hh-rlhf-helpful-base.py: string common prefix, regex split), `num_proc=2`, the same
+  80/10/10 train/validation/test split (`train_test_split`, twice), the three splits to Parquet; it neither
+  cleans, deduplicates, validates nor quarantines.
+- ours, library: `tasks.data.dataset.build_dataset` (parse, clean, dedupe, decontaminate, split by prompt, Great
+  Expectations contract with Data Docs, atomic Parquet write, manifest), no Prefect.
+- ours, command: `python -m flows.ingest --recipe ...` against a running local Prefect server (started here,
+  in a temporary state folder), as a user runs it.
+Start-up is reported apart: imports (library) and the same command on one tiny source whose version exists
+(command: imports, the flow run on the server, hashing a 16 KB file). Wall time includes interpreter start;
+peak RSS is each process's own (os.wait4; worker processes report their own, not summed).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,61 +80,123 @@ def run_baseline(rows: Path, out: Path) -> None:
 
     ds = load_dataset("json", data_files=str(rows), split="train", cache_dir=str(out / "hf-cache"))
     ds = ds.map(trl_example_conversion, num_proc=2)
-    ds.to_parquet(str(out / "train.parquet"))
+    held = ds.train_test_split(test_size=0.2, seed=42)
+    heldout = held["test"].train_test_split(test_size=0.5, seed=42)
+    for name, split in (("train", held["train"]), ("validation", heldout["train"]), ("test", heldout["test"])):
+        split.to_parquet(str(out / f"{name}.parquet"))
+
+
+def bench_recipe(rows: Path, out: Path) -> dict:
+    return {
+        "name": "bench",
+        "sources": [{"name": "hh-rlhf", "format": "hh-rlhf", "path": str(rows)}],
+        "data": {"output_dir": str(out / "data")},
+    }
 
 
 def run_ours(rows: Path, out: Path) -> None:
     from schemas.recipe import parse_recipe, resolve_paths
     from tasks.data.dataset import build_dataset
 
-    recipe = parse_recipe(
-        {
-            "name": "bench",
-            "sources": [{"name": "hh-rlhf", "format": "hh-rlhf", "path": str(rows)}],
-            "data": {"output_dir": str(out / "data")},
-        }
-    )
+    recipe = parse_recipe(bench_recipe(rows, out))
     ds = build_dataset(resolve_paths(recipe, ROOT / "recipes" / "bench.yaml"))
     c = ds.manifest["counts"]
     print(json.dumps({"train": c["train"], "test": c["test"], "quarantine": c["quarantine"]}))
 
 
+def run_imports(rows: Path, out: Path) -> None:
+    import tasks.data.dataset  # noqa: F401
+
+
 # ---- harness ----
-def timed(args: list[str]) -> tuple[float, float, str]:
+def timed(args: list[str], command: list[str] | None = None, env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) of one process: this file with ``args``, or ``command``."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    env = {**(env or os.environ), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    proc = subprocess.Popen(command or [sys.executable, __file__, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    out = proc.stdout.read()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{args[1]} run failed (exit {os.waitstatus_to_exitcode(status)})")
-    return wall, usage.ru_maxrss / 1024, out.strip()
+        raise SystemExit(f"{command or args} failed (exit {os.waitstatus_to_exitcode(status)})")
+    return wall, usage.ru_maxrss / 1024
+
+
+def ingest_command(rows: Path, out: Path, env: dict) -> tuple[float, float]:
+    import yaml
+
+    recipe = out / "bench.yaml"
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    recipe.write_text(yaml.safe_dump(bench_recipe(rows, out)))
+    return timed([], [sys.executable, "-m", "flows.ingest", "--recipe", str(recipe)], env)
+
+
+def local_server(state: Path):
+    """A Prefect server of our own (scripts/services.py), on a free port: (services, the env pointing at it)."""
+    import socket
+
+    from scripts.services import Services, _wait_healthy
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    svc = Services(state=state, prefect_port=port)
+    _, health, logfile = svc.start_prefect()
+    _wait_healthy(health, 180, logfile)
+    return svc, {**svc.env(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=160_000)
-    ap.add_argument("--run", choices=["baseline", "ours"])
+    ap.add_argument("--rows", default="160000,1600000", help="comma-separated row counts")
+    ap.add_argument("--run", choices=["baseline", "ours", "imports"])
     ap.add_argument("--input")
     ap.add_argument("--out")
     a = ap.parse_args()
     if a.run:
-        (run_baseline if a.run == "baseline" else run_ours)(Path(a.input), Path(a.out))
+        {"baseline": run_baseline, "ours": run_ours, "imports": run_imports}[a.run](Path(a.input), Path(a.out))
         return
-    with tempfile.TemporaryDirectory() as tmp:
+    tiny = ROOT / "examples" / "data" / "hh-rlhf.jsonl"
+    table = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("ALIGN_BENCH_TMP")) as tmp:
         tmp = Path(tmp)
-        rows = tmp / "hh.jsonl"
-        make_rows(a.rows, rows)
-        base = timed(["--run", "baseline", "--input", str(rows), "--out", str(tmp / "baseline")])
-        ours = timed(["--run", "ours", "--input", str(rows), "--out", str(tmp / "ours")])
-    print(f"\ningest benchmark: {a.rows:,} hh-rlhf rows, {os.cpu_count()} cores  (ours: {ours[2]})")
-    print(f"{'path':<44}{'wall s':>9}{'rows/s':>11}{'peak RSS MB':>13}")
-    for name, (wall, rss, _) in (
-        ("baseline: datasets.map TRL example, num_proc=2", base),
-        ("ours: parse+clean+GX contract+docs+write", ours),
-    ):
-        print(f"{name:<44}{wall:>9.2f}{a.rows / wall:>11,.0f}{rss:>13,.0f}")
-    print(f"speed-up (baseline wall / ours wall): {base[0] / ours[0]:.2f}x")
+        svc, env = local_server(tmp / "state")
+        try:
+            ingest_command(tiny, tmp / "warm", env)  # the server's first flow run (its caches): not timed
+            ingest_command(tiny, tmp / "startup", env)
+            startup_cmd = ingest_command(tiny, tmp / "startup", env)  # version exists: start-up only
+            startup_lib = timed(["--run", "imports", "--input", "-", "--out", "-"])
+            for n in [int(x) for x in a.rows.split(",")]:
+                rows = tmp / f"hh{n}.jsonl"
+                make_rows(n, rows)
+                mb = rows.stat().st_size / 1e6
+                base = timed(["--run", "baseline", "--input", str(rows), "--out", str(tmp / f"baseline{n}")])
+                lib = timed(["--run", "ours", "--input", str(rows), "--out", str(tmp / f"lib{n}")])
+                cmd = ingest_command(rows, tmp / f"cmd{n}", env)
+                table.append((n, mb, base, lib, cmd))
+                for folder in (f"baseline{n}", f"lib{n}", f"cmd{n}"):
+                    shutil.rmtree(tmp / folder, ignore_errors=True)
+                rows.unlink()
+        finally:
+            svc.stop("prefect-server")
+    print(f"\ningest benchmark: hh-rlhf rows of real shape, {os.cpu_count()} cores")
+    print(
+        f"start-up: library imports {startup_lib[0]:.2f} s; command (imports + flow run on the server) "
+        f"{startup_cmd[0]:.2f} s"
+    )
+    print(
+        f"{'rows':>10} {'MB':>7}  {'path':<40}{'wall s':>8}{'rows/s':>10}{'MB/s':>8}{'peak RSS MB':>13}"
+        f"{'vs baseline':>13}"
+    )
+    for n, mb, base, lib, cmd in table:
+        for name, (wall, rss) in (
+            ("baseline: datasets.map TRL example, split", base),
+            ("ours: library (build_dataset)", lib),
+            ("ours: python -m flows.ingest (server)", cmd),
+        ):
+            print(
+                f"{n:>10,} {mb:>7,.0f}  {name:<40}{wall:>8.2f}{n / wall:>10,.0f}{mb / wall:>8.1f}{rss:>13,.0f}"
+                f"{base[0] / wall:>12.2f}x"
+            )
 
 
 if __name__ == "__main__":

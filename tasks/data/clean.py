@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from schemas.data_config import DataConfig
 from schemas.preference import QUARANTINE_SCHEMA, Reason, collapse_whitespace, prompt_hash, render_messages
 from schemas.tables import PREFERENCE, Table, get_table
-from tasks.data.decontaminate import Decontaminator, counts_per_source
+from tasks.data.decontaminate import Decontaminator, Verdicts, counts_per_source
 from tasks.data.decontaminate import read_eval_prompts as read_eval_prompts  # where evaluation code imports it
 
 SIDES = PREFERENCE.messages  # ("prompt", "chosen", "rejected")
@@ -56,6 +56,37 @@ def clean_rows(
 ) -> CleanResult:
     """Apply the cleaning policy above to canonical rows of table ``kind`` (in source order). ``eval_prompts``:
     texts to keep out (matched as ``cfg.decontaminate_ngram`` says), or a ready :class:`Decontaminator`."""
+    s = screen_rows(table, cfg, eval_prompts, tokenizer, kind)
+    table, reasons, details, verdicts = s.table, s.reasons, s.details, s.verdicts
+    _mark_duplicates(table, reasons, details)
+    fresh = (verdicts.kind != None) & (reasons == None)  # noqa: E711 (elementwise on object arrays)
+    reasons[fresh], details[fresh] = Reason.CONTAMINATED.value, verdicts.detail[fresh]
+    decontamination = counts_per_source(table["source"], verdicts, reasons == Reason.CONTAMINATED.value)
+    bad = reasons != None  # noqa: E711
+    accepted = table.filter(pa.array(~bad))
+    return CleanResult(accepted, quarantine_from(table, bad, reasons, details, kind), decontamination)
+
+
+@dataclass
+class Screened:
+    """The row-local part of cleaning: every rule but the exact duplicate (which needs every earlier row) and
+    the decontamination verdict (applied after it: a duplicate of a contaminated row is a duplicate)."""
+
+    table: pa.Table  # unicode-normalised (ids and prompt hashes recomputed where text changed)
+    reasons: np.ndarray  # object: Reason value of the first failing row-local rule, or None
+    details: np.ndarray
+    verdicts: Verdicts  # decontamination, for every row
+
+
+def screen_rows(
+    table: pa.Table,
+    cfg: DataConfig,
+    eval_prompts: Iterable[str] | Decontaminator = (),
+    tokenizer=None,
+    kind: str = "preference",
+) -> Screened:
+    """The rules of the policy that look at one row alone (empty turn, identical sides, lengths), and the
+    decontamination verdicts: what ingest runs on each batch as it streams (tasks/data/stream.py)."""
     spec = get_table(kind)
     table = normalise_unicode(table, cfg.unicode_form, spec)
     n = table.num_rows
@@ -97,17 +128,9 @@ def clean_rows(
             lambda i: f"{what} is {tokens[i]} tokens > max_tokens={lim.max_tokens}",
         )
 
-    _mark_duplicates(table, reasons, details)
-
     if not isinstance(eval_prompts, Decontaminator):
         eval_prompts = Decontaminator.from_prompts(eval_prompts, cfg.decontaminate_ngram)
-    verdicts = eval_prompts.match(spec.prompts(table))
-    mark(verdicts.kind != None, Reason.CONTAMINATED, lambda i: verdicts.detail[i])  # noqa: E711
-    decontamination = counts_per_source(table["source"], verdicts, reasons == Reason.CONTAMINATED.value)
-
-    bad = reasons != None  # noqa: E711
-    accepted = table.filter(pa.array(~bad))
-    return CleanResult(accepted, quarantine_from(table, bad, reasons, details, spec.name), decontamination)
+    return Screened(table, reasons, details, eval_prompts.match(spec.prompts(table)))
 
 
 def _mark_identical_sides(table: pa.Table, mark) -> None:

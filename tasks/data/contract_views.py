@@ -32,14 +32,24 @@ EDGES = ("leading_ws", "trailing_ws", "chars")  # per-answer columns of `rows`, 
 
 
 def build_views(
-    splits: dict[str, pa.Table], quarantine: pa.Table, counts: dict, table: str = "preference"
+    splits: dict[str, pa.Table] | None,
+    quarantine: pa.Table,
+    counts: dict,
+    table: str = "preference",
+    rows: pa.Table | None = None,
 ) -> dict[str, pa.Table]:
     """The four tables the suite's expectations run on (vectorised; no Python loop over rows).
-    ``splits``: train / validation / test tables of canonical table ``table`` (a missing one counts as empty)."""
-    tables = {name: splits.get(name, get_table(table).schema.empty_table()) for name in SPLITS}
-    rows = {"preference": _rows_view, "sft": _sft_rows_view, "unpaired": _unpaired_rows_view}[table](tables)
+    ``splits``: train / validation / test tables of canonical table ``table`` (a missing one counts as empty);
+    or, for a dataset too large to hold (the streaming ingest), ``rows``: the rows view already built batch by
+    batch (:func:`row_columns`, :func:`finish_rows`), with ``splits`` None."""
+    if rows is None:
+        tables = {name: (splits or {}).get(name, get_table(table).schema.empty_table()) for name in SPLITS}
+        both = pa.concat_tables(list(tables.values()), promote_options="permissive")
+        split = np.repeat(np.array(SPLITS), [len(t) for t in tables.values()])
+        rows = finish_rows(row_columns(table, both, split))
     total = rows.num_rows
-    sizes = {f"{name}_rows": [len(t)] for name, t in tables.items()}
+    split_column = rows["split"].to_numpy(zero_copy_only=False)
+    sizes = {f"{name}_rows": [int((split_column == name).sum())] for name in SPLITS}
     drawn = ~np.isin(np.asarray(rows["source"].to_pylist(), dtype=object), list(counts.get("pinned_sources", [])))
     split, n = rows["split"].to_numpy(zero_copy_only=False), int(drawn.sum())
     shares = {
@@ -55,15 +65,46 @@ def build_views(
     }
 
 
-def _common_columns(both: pa.Table, split: np.ndarray, key_column: str) -> dict:
+KEY = "_split_key"  # the rows view's split key column while it is built (finish_rows drops it)
+GLOBAL = ("prompt_hash_other_split", "split_key_other_split")  # the only columns that need every row
+
+
+def row_columns(table: str, both: pa.Table, split: np.ndarray, keys: pa.Array | None = None) -> pa.Table:
+    """The rows view of canonical rows ``both`` of ``table`` whose splits are ``split``, but for the columns that
+    need every row (``GLOBAL``, False here: :func:`finish_rows` fills them) and with the split keys in ``KEY``
+    (``keys`` when the caller has them). Row by row: the streaming ingest builds it one batch at a time."""
+    build = {"preference": _rows_view, "sft": _sft_rows_view, "unpaired": _unpaired_rows_view}[table]
+    split = np.asarray(split, dtype=object).astype(str) if len(split) else np.array([], dtype=str)
+    return build(both, split, keys)
+
+
+def finish_rows(rows: pa.Table) -> pa.Table:
+    """Rows views of batches (:func:`row_columns`) as one view: train, validation, test (row order kept within
+    each), with the columns that need every row."""
+    split = rows["split"].to_numpy(zero_copy_only=False)
+    rank = np.zeros(len(split), dtype=np.int8)
+    for k, name in enumerate(SPLITS):
+        rank[split == name] = k
+    if np.any(np.diff(rank) < 0):  # the streaming ingest builds it in split order already: no copy
+        rows = rows.take(pa.array(np.argsort(rank, kind="stable"), pa.int64()))
+    split = rows["split"].to_numpy(zero_copy_only=False)
+    for name, values in zip(GLOBAL, (rows["prompt_hash"].combine_chunks(), rows[KEY].combine_chunks())):
+        rows = rows.set_column(rows.schema.get_field_index(name), name, pa.array(_in_other_split(values, split)))
+    return rows.drop_columns([KEY])
+
+
+def _common_columns(both: pa.Table, split: np.ndarray, key_column: str, keys: pa.Array | None = None) -> dict:
     """The columns every table's rows view has: identity, provenance and split hygiene."""
-    keys = pa.array(split_keys(both[key_column]), pa.string())
+    if keys is None:
+        keys = pa.array(split_keys(both[key_column]), pa.string())
+    placeholder = np.zeros(both.num_rows, dtype=bool)
     return {
         ROW_REF: pc.coalesce(both["id"], _source_refs(both)),
         "split": split,
         **{c: both[c] for c in ("id", "source", "source_row", "prompt_hash")},
-        "prompt_hash_other_split": _in_other_split(both["prompt_hash"].combine_chunks(), split),
-        "split_key_other_split": _in_other_split(keys, split),
+        GLOBAL[0]: placeholder,
+        GLOBAL[1]: placeholder,
+        KEY: keys,
     }
 
 
@@ -73,17 +114,16 @@ def _char_range(*stats: dict) -> dict:
     return {"min_turn_chars": np.where(turn_min == np.iinfo(np.int64).max, 0, turn_min), "max_turn_chars": turn_max}
 
 
-def _sft_rows_view(tables: dict[str, pa.Table]) -> pa.Table:
+def _sft_rows_view(both: pa.Table, split: np.ndarray, keys=None) -> pa.Table:
     """sft rows: messages_turns (null iff messages is null), roles_valid (>=1 turn, every role in ROLES),
     last_role (of the whole conversation: the answer's, "<none>" when empty), prompt_last_role (of the turns
     before the answer), min_turn_chars / max_turn_chars, and the split hygiene columns."""
-    both = pa.concat_tables(list(tables.values()), promote_options="permissive")
-    n, split = both.num_rows, np.repeat(np.array(SPLITS), [len(t) for t in tables.values()])
+    n = both.num_rows
     conversation = _turn_stats(both["messages"], n)
     prompt = _turn_stats(pa.chunked_array([without_last_turn(both["messages"].combine_chunks())]), n)
     return pa.table(
         {
-            **_common_columns(both, split, "messages"),
+            **_common_columns(both, split, "messages", keys),
             "messages_turns": conversation["turns"],
             "roles_valid": conversation["roles_in"](ROLES),
             "last_role": conversation["last_role"],
@@ -93,15 +133,14 @@ def _sft_rows_view(tables: dict[str, pa.Table]) -> pa.Table:
     )
 
 
-def _unpaired_rows_view(tables: dict[str, pa.Table]) -> pa.Table:
+def _unpaired_rows_view(both: pa.Table, split: np.ndarray, keys=None) -> pa.Table:
     """unpaired rows: label, {prompt,completion}_turns, prompt_roles_valid, prompt_last_role,
     completion_roles_valid (>=1 turn, all assistant), min_turn_chars / max_turn_chars, split hygiene."""
-    both = pa.concat_tables(list(tables.values()), promote_options="permissive")
-    n, split = both.num_rows, np.repeat(np.array(SPLITS), [len(t) for t in tables.values()])
+    n = both.num_rows
     prompt, completion = _turn_stats(both["prompt"], n), _turn_stats(both["completion"], n)
     return pa.table(
         {
-            **_common_columns(both, split, "prompt"),
+            **_common_columns(both, split, "prompt", keys),
             "label": both["label"],
             "prompt_turns": prompt["turns"],
             "completion_turns": completion["turns"],
@@ -113,7 +152,7 @@ def _unpaired_rows_view(tables: dict[str, pa.Table]) -> pa.Table:
     )
 
 
-def _rows_view(tables: dict[str, pa.Table]) -> pa.Table:
+def _rows_view(both: pa.Table, split: np.ndarray, keys=None) -> pa.Table:
     """train + validation + test with the flat columns the row expectations read.
 
     row_ref: id, or "source:source_row" where id is null. split: train/validation/test.
@@ -127,18 +166,15 @@ def _rows_view(tables: dict[str, pa.Table]) -> pa.Table:
     {chosen,rejected}_leading_ws / _trailing_ws: the answer's first turn starts / last turn ends with
     whitespace. {chosen,rejected}_chars: characters over the answer's turns. (Summed per source in `sources`.)
     """
-    both = pa.concat_tables(list(tables.values()), promote_options="permissive")
     n = both.num_rows
-    split = np.repeat(np.array(SPLITS), [len(t) for t in tables.values()])
     prompt, chosen, rejected = (_turn_stats(both[c], n) for c in ("prompt", "chosen", "rejected"))
     turn_min = np.minimum.reduce([s["min_chars"] for s in (prompt, chosen, rejected)])
     turn_max = np.maximum.reduce([s["max_chars"] for s in (prompt, chosen, rejected)])
-    keys = pa.array(split_keys(both["prompt"]), pa.string())
+    common = _common_columns(both, split, "prompt", keys)
     return pa.table(
         {
-            ROW_REF: pc.coalesce(both["id"], _source_refs(both)),
-            "split": split,
-            **{c: both[c] for c in ("id", "source", "source_row", "prompt_hash", "score_chosen", "score_rejected")},
+            **{c: common[c] for c in (ROW_REF, "split", "id", "source", "source_row", "prompt_hash")},
+            **{c: both[c] for c in ("score_chosen", "score_rejected")},
             "prompt_turns": prompt["turns"],
             "chosen_turns": chosen["turns"],
             "rejected_turns": rejected["turns"],
@@ -149,8 +185,7 @@ def _rows_view(tables: dict[str, pa.Table]) -> pa.Table:
             "min_turn_chars": np.where(turn_min == np.iinfo(np.int64).max, 0, turn_min),
             "max_turn_chars": turn_max,
             "answers_identical": _identical(both["chosen"], both["rejected"], chosen, rejected),
-            "prompt_hash_other_split": _in_other_split(both["prompt_hash"].combine_chunks(), split),
-            "split_key_other_split": _in_other_split(keys, split),
+            **{c: common[c] for c in (*GLOBAL, KEY)},
             **{f"{side}_{k}": stats[k] for side, stats in (("chosen", chosen), ("rejected", rejected)) for k in EDGES},
         }
     )

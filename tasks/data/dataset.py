@@ -30,12 +30,11 @@ from schemas.hashing import content_hash
 from schemas.preference import QUARANTINE_SCHEMA, SCHEMA_VERSION
 from schemas.recipe import Recipe
 from schemas.tables import TABLES, get_table
-from tasks.data.clean import clean_rows
 from tasks.data.decontaminate import evaluation_decontaminator, evaluation_prompt_files
 from tasks.data.preload import import_in_background
 from tasks.data.sources.formats import get_adapter
 from tasks.data.sources.readers import file_sha256
-from tasks.data.split import SPLITS, Splits, split_tables
+from tasks.data.split import SPLITS
 from tasks.registry.secrets import redact
 from tasks.runtime.faults import fault_point
 from tasks.runtime.locks import exclusive
@@ -87,23 +86,6 @@ def counts_by(table: pa.Table, *keys: str) -> dict:
     return out
 
 
-def reconciliation(results, splits: list[pa.Table], quarantine: pa.Table) -> dict:
-    """Per source: its table, rows read, accepted (in any split of any table) and quarantined (by any stage)."""
-    acc = counts_by(pa.concat_tables([t.select(["source"]) for t in splits]), "source") if splits else {}
-    qua = counts_by(quarantine.select(["source"]), "source")
-    return {
-        "per_source": {
-            r.source: {
-                "table": getattr(r, "table", "preference"),
-                "read": r.rows_read,
-                "accepted": acc.get(r.source, 0),
-                "quarantined": qua.get(r.source, 0),
-            }
-            for r in results
-        }
-    }
-
-
 # The DataConfig field naming each table's expectation suite.
 CONTRACT_FIELDS = {"preference": "contract", "sft": "sft_contract", "unpaired": "unpaired_contract"}
 
@@ -140,19 +122,15 @@ def existing_version(output_dir: Path, version: str) -> DatasetVersion | None:
 
 
 def build_dataset(recipe: Recipe, output_dir: Path | None = None, tokenizer=None) -> DatasetVersion:
-    """Sources → clean → split → contract → atomic write. Raises ContractBreach on a critical breach."""
-    from tasks.data.sources import read_source
+    """Sources → clean → split → contract → atomic write, streaming (tasks/data/stream.py). The version is known
+    from the inputs' hashes before any row is parsed, so an unchanged dataset is found and reused at that cost.
+    Raises ContractBreach on a critical breach."""
+    from tasks.data.sources.core import source_input
 
     started = time.perf_counter()
     output_dir = Path(output_dir or recipe.data.output_dir)
-    # The contract step's Great Expectations import (2-3 s) runs while workers parse the last source:
-    # not an earlier one, as reading the next source imports in this thread, which must wait for it.
-    last = len(recipe.sources) - 1
-    results = [
-        read_source(cfg, seed=recipe.data.seed, while_parsing=_import_contract_modules if k == last else None)
-        for k, cfg in enumerate(recipe.sources)
-    ]
-    version = compute_dataset_version(recipe, [r.input for r in results])
+    inputs = [source_input(cfg) for cfg in recipe.sources]
+    version = compute_dataset_version(recipe, [info for info, _ in inputs])
     if found := existing_version(output_dir, version):
         return found
     # One build of a version at a time: a concurrent run of the same data waits here, then reuses what it published.
@@ -160,7 +138,7 @@ def build_dataset(recipe: Recipe, output_dir: Path | None = None, tokenizer=None
         if found := existing_version(output_dir, version):
             return found
         remove_partial_builds(output_dir, version)
-        return _build_version(recipe, output_dir, version, results, tokenizer, started)
+        return _build_version(recipe, output_dir, version, inputs, tokenizer, started)
 
 
 def remove_partial_builds(output_dir: Path, version: str) -> None:
@@ -171,72 +149,18 @@ def remove_partial_builds(output_dir: Path, version: str) -> None:
         print(f"ingest: removed {tmp}, the unpublished build of an interrupted run", flush=True)
 
 
-def accepted_rows(results, table: str) -> pa.Table:
-    """The accepted rows of every source of ``table``, in recipe order."""
-    found = [r.accepted for r in results if getattr(r, "table", "preference") == table]
-    return pa.concat_tables(found) if found else get_table(table).schema.empty_table()
-
-
-def clean_and_split(recipe: Recipe, results, tokenizer=None) -> tuple[dict[str, Splits], pa.Table, dict]:
-    """Every table of the recipe cleaned (the same policy, one decontamination list) and split by the one shared
-    rule (tasks/data/split.py); returns the splits per table, the quarantine of every table, the cleaning results."""
-    decontaminator, d = evaluation_decontaminator(recipe), recipe.data
-    cleaned = {t: clean_rows(accepted_rows(results, t), d, decontaminator, tokenizer, t) for t in tables_of(recipe)}
-    keyed = {t: (c.accepted, get_table(t).split_column) for t, c in cleaned.items()}
-    splits = split_tables(keyed, d.test_fraction, d.validation_fraction, d.seed, pinned_splits(recipe))
-    quarantine = pa.concat_tables([r.quarantine for r in results] + [c.quarantine for c in cleaned.values()])
-    quarantine = quarantine.cast(QUARANTINE_SCHEMA).sort_by([("source", "ascending"), ("source_row", "ascending")])
-    return splits, quarantine, cleaned
-
-
-def dataset_counts(results, splits: dict[str, Splits], quarantine: pa.Table, cleaned: dict) -> dict:
-    """The manifest's counts: the pair splits at the top level (as ever), per source (with its table) the
-    reconciliation, per table its splits and quarantine, quarantine reasons and decontamination per source."""
-    every = [t for table_splits in splits.values() for t in table_splits]
-    in_quarantine = counts_by(quarantine.select(["table"]), "table")
-    return {
-        **{name: t.num_rows for name, t in splits["preference"]._asdict().items()},
-        "quarantine": quarantine.num_rows,
-        **reconciliation(results, every, quarantine),
-        "tables": {
-            name: {**{k: t.num_rows for k, t in s._asdict().items()}, "quarantine": in_quarantine.get(name, 0)}
-            for name, s in splits.items()
-        },
-        "per_split_source": {
-            split: counts_by(pa.concat_tables([s[k].select(["source"]) for s in splits.values()]), "source")
-            for k, split in enumerate(SPLITS)
-        },
-        "quarantine_reasons": counts_by(quarantine.select(["source", "reason"]), "source", "reason"),
-        # per source: rows checked, contaminated (exact / n-gram match; matched before the last turn)
-        "decontamination": {k: v for c in cleaned.values() for k, v in c.decontamination.items()},
-    }
-
-
-def _build_version(recipe: Recipe, output_dir: Path, version: str, results, tokenizer, started: float):
+def _build_version(recipe: Recipe, output_dir: Path, version: str, inputs, tokenizer, started: float):
     if tokenizer is None and recipe.data.lengths.tokenizer:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(
             recipe.data.lengths.tokenizer, trust_remote_code=recipe.model.trust_remote_code
         )
-    splits, quarantine, cleaned = clean_and_split(recipe, results, tokenizer)
-    manifest = {
-        "version": version,
-        "schema_version": SCHEMA_VERSION,
-        "recipe": redact(  # a token in a source URL shows as ***
-            {
-                "name": recipe.name,
-                "sources": [s.model_dump(mode="json") for s in recipe.sources],
-                "data": recipe.data.model_dump(mode="json"),
-            }
-        ),
-        "inputs": [r.input for r in results],
-        "counts": dataset_counts(results, splits, quarantine, cleaned),
-    }
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=output_dir))
     try:
-        write_version(tmp, recipe, manifest, splits, quarantine)
+        manifest, quarantine, views = stream_version(recipe, version, inputs, tokenizer, tmp)
+        publish_checked(tmp, recipe, manifest, quarantine, views)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -249,24 +173,113 @@ def _build_version(recipe: Recipe, output_dir: Path, version: str, results, toke
     return DatasetVersion(final, manifest, reused=False)
 
 
+def stream_version(recipe: Recipe, version: str, inputs, tokenizer, tmp: Path) -> tuple[dict, pa.Table, dict]:
+    """Read, screen, decide and write every table's splits into ``tmp`` (tasks/data/stream.py); the manifest
+    (without files and contracts), the quarantine of every table, and each table's contract rows view."""
+    from tasks.data.sources.core import read_parts
+    from tasks.data.stream import Screen, assemble, decide, per_source_checked, pin_splits, small_columns
+
+    d, pinned, tables = recipe.data, pinned_splits(recipe), tables_of(recipe)
+    draws = {s: 0.0 if s in pinned.values() else getattr(d, f"{s}_fraction") for s in ("test", "validation")}
+    decontaminator = evaluation_decontaminator(recipe)
+    screens = {t: Screen(d, decontaminator, t, draws["test"], draws["validation"], tokenizer) for t in tables}
+    spool = tmp / ".spool"
+    spool.mkdir()
+    read, last = [], len(recipe.sources) - 1
+    for k, (cfg, (info, dataset)) in enumerate(zip(recipe.sources, inputs)):
+        hook = _import_contract_modules if k == last else None  # GX imports while the workers parse
+        parts = read_parts(cfg, info, dataset, d.seed, str(spool), screens[info["table"]], hook)
+        read.append((cfg.name, {**info, "rows": sum(p.rows_read for p in parts)}, parts))
+    spooled = {t: [p.spooled for _, info, parts in read if info["table"] == t for p in parts] for t in tables}
+    smalls = {t: small_columns(paths) for t, paths in spooled.items()}
+    decisions = {
+        t: decide(smalls[t], per_source_checked([(n, ps) for n, info, ps in read if info["table"] == t]))
+        for t in tables
+    }
+    pin_splits(decisions, smalls, pinned)
+    del smalls  # memory-mapped columns of the spool: unmapped before the spool is read again
+    assembled = assemble(tmp, spooled, decisions, table_file)
+    shutil.rmtree(spool)
+    quarantine = pa.concat_tables(
+        [p.quarantine_table() for _, _, parts in read for p in parts]
+        + [q for _, _, parts in read for p in parts for q in p.screened]
+        + [assembled.quarantine]
+    )
+    quarantine = quarantine.cast(QUARANTINE_SCHEMA).sort_by([("source", "ascending"), ("source_row", "ascending")])
+    manifest = {
+        "version": version,
+        "schema_version": SCHEMA_VERSION,
+        "recipe": redact(  # a token in a source URL shows as ***
+            {
+                "name": recipe.name,
+                "sources": [s.model_dump(mode="json") for s in recipe.sources],
+                "data": recipe.data.model_dump(mode="json"),
+            }
+        ),
+        "inputs": [info for _, info, _ in read],
+        "counts": dataset_counts(read, assembled, quarantine, decisions),
+    }
+    return manifest, quarantine, assembled.rows_views
+
+
+def dataset_counts(read, assembled, quarantine: pa.Table, decisions: dict) -> dict:
+    """The manifest's counts: the pair splits at the top level (as ever), per source (with its table) the
+    reconciliation (read = accepted + quarantined), per table its splits and quarantine, quarantine reasons and
+    decontamination per source."""
+    views = assembled.rows_views
+    every = pa.concat_tables([v.select(["source", "split"]) for v in views.values()])
+    accepted = counts_by(every.select(["source"]), "source")
+    quarantined = counts_by(quarantine.select(["source"]), "source")
+    in_quarantine = counts_by(quarantine.select(["table"]), "table")
+    in_splits = counts_by(every, "split", "source")
+    return {
+        **{s: assembled.files[table_file("preference", s)] for s in SPLITS},
+        "quarantine": quarantine.num_rows,
+        "per_source": {
+            name: {
+                "table": info["table"],
+                "read": info["rows"],
+                "accepted": accepted.get(name, 0),
+                "quarantined": quarantined.get(name, 0),
+            }
+            for name, info, _ in read
+        },
+        "tables": {
+            t: {**{s: assembled.files[table_file(t, s)] for s in SPLITS}, "quarantine": in_quarantine.get(t, 0)}
+            for t in views
+        },
+        "per_split_source": {s: in_splits.get(s, {}) for s in SPLITS},
+        "quarantine_reasons": counts_by(quarantine.select(["source", "reason"]), "source", "reason"),
+        # per source: rows checked, contaminated (exact / n-gram match; matched before the last turn)
+        "decontamination": {k: v for d in decisions.values() for k, v in d.decontamination.items()},
+    }
+
+
 def _import_contract_modules() -> None:
     import_in_background(
         "great_expectations", "great_expectations.expectations", "great_expectations.data_context.types.base"
     )
 
 
-def write_version(tmp: Path, recipe: Recipe, manifest: dict, splits: dict[str, Splits], quarantine: pa.Table) -> None:
-    """Run every table's contract (one Data Docs site into tmp), then write the splits; a critical breach moves the
-    report (quarantine, manifest, Data Docs) to <output_dir>/failed/<version>/ and raises ContractBreach."""
+def publish_checked(tmp: Path, recipe: Recipe, manifest: dict, quarantine: pa.Table, views: dict) -> None:
+    """Run every table's contract (one Data Docs site into tmp) on the version streamed into tmp; a critical breach
+    moves the report (quarantine, manifest, Data Docs: not the splits) to <output_dir>/failed/<version>/ and raises
+    ContractBreach; else the quarantine is written and every file's hash goes into the manifest."""
     from tasks.data.contracts import ContractBreach
 
-    contracts = run_contracts(recipe, splits, quarantine, manifest["counts"]["per_source"], tmp / "data_docs")
+    contracts = run_contracts(recipe, views, quarantine, manifest["counts"]["per_source"], tmp / "data_docs")
     manifest["contracts"] = {name: c.summary for name, c in contracts.items()}
     manifest["contract"] = next(iter(manifest["contracts"].values()), {})  # the pairs' (gates read it)
+    split_files = [table_file(t, s) for t in views for s in SPLITS]
     if failed_contracts := [c for c in contracts.values() if not c.success]:
         failed = tmp.parent / "failed" / manifest["version"]
         shutil.rmtree(failed, ignore_errors=True)
         failed.parent.mkdir(parents=True, exist_ok=True)
+        for name in split_files:
+            (tmp / name).unlink(missing_ok=True)
+        for folder in {(tmp / name).parent for name in split_files} - {tmp}:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         write_parquet(quarantine, tmp / "quarantine.parquet")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         os.rename(tmp, failed)
@@ -277,30 +290,30 @@ def write_version(tmp: Path, recipe: Recipe, manifest: dict, splits: dict[str, S
             except ContractBreach as e:
                 messages.append(str(e))
         raise ContractBreach("\n".join(messages))
-    manifest["files"] = {}
-    files = {f"{table_file(t, split)}": rows for t, s in splits.items() for split, rows in s._asdict().items()}
-    for name, table in {**files, "quarantine.parquet": quarantine}.items():
-        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        write_parquet(table, tmp / name)
-        manifest["files"][name] = {"sha256": file_sha256(tmp / name), "rows": table.num_rows}
+    write_parquet(quarantine, tmp / "quarantine.parquet")
+    manifest["files"] = {
+        name: {"sha256": file_sha256(tmp / name), "rows": pq.ParquetFile(tmp / name).metadata.num_rows}
+        for name in [*split_files, "quarantine.parquet"]
+    }
 
 
-def run_contracts(recipe: Recipe, splits: dict[str, Splits], quarantine: pa.Table, per_source: dict, docs: Path):
-    """Each table's expectation suite on its splits, its sources' counts and its quarantine rows, in one Great
-    Expectations context, so one Data Docs site (with the quarantine page of every table) shows them all. The
-    pairs' suite runs when the recipe has a preference source; the others when their table has rows to check."""
+def run_contracts(recipe: Recipe, views: dict[str, pa.Table], quarantine: pa.Table, per_source: dict, docs: Path):
+    """Each table's expectation suite on its rows view (built as the data streamed), its sources' counts and its
+    quarantine rows, in one Great Expectations context, so one Data Docs site (with the quarantine page of every
+    table) shows them all. The pairs' suite runs when the recipe has a preference source; the others when their
+    table has rows to check."""
     from tasks.data.contracts import build_docs, contract_context, run_contract
 
     context, results = contract_context(docs), {}
     pinned = sorted(pinned_splits(recipe))
-    for name, table_splits in splits.items():
+    for name, rows in views.items():
         counts = {"per_source": {s: c for s, c in per_source.items() if c["table"] == name}, "pinned_sources": pinned}
         if not counts["per_source"]:
             continue
         suite = getattr(recipe.data, CONTRACT_FIELDS[name])
-        rows = quarantine.filter(pc.equal(quarantine["table"], name))
+        in_table = quarantine.filter(pc.equal(quarantine["table"], name))
         params = contract_params(recipe, name)
-        results[name] = run_contract(table_splits._asdict(), rows, counts, suite, None, params, name, context)
+        results[name] = run_contract(None, in_table, counts, suite, None, params, name, context, rows=rows)
     build_docs(context, docs, quarantine, {"per_source": per_source})
     return results
 

@@ -55,6 +55,11 @@ class Adapter:
     parse: Parse
     needs_rng: bool = False
     table: str = "preference"  # the canonical table its rows belong to
+    # Optional: the format's common shape parsed on whole columns of JSON Lines text (``fields``: the columns
+    # it reads). ``parse_columns(*columns) -> (taken mask, canonical columns of the taken rows)``; the rows it
+    # does not take go through ``parse``. Only for adapters without options or rng (hh-rlhf).
+    parse_columns: Callable | None = None
+    fields: tuple[str, ...] = ()
 
     def __call__(self, record: dict, options: Any = None, rng: random.Random | None = None) -> dict:
         return self.parse(record, options, rng)

@@ -8,9 +8,11 @@ arrays once per chunk.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
+import re
 import tempfile
 from collections.abc import Callable
 from contextlib import closing
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from schemas.data_config import SourceConfig
@@ -28,9 +31,11 @@ from tasks.data.sources.base import RowError
 from tasks.data.sources.formats import get_adapter
 from tasks.data.sources.parallel import PROGRESS_EVERY, run_jobs
 from tasks.data.sources.readers import (
+    _json_lines,
     file_sha256,
     hub_fingerprint,
     hub_records,
+    json_lines_blocks,
     json_lines_range,
     line_ranges,
     load_hub,
@@ -85,7 +90,10 @@ def read_source(
         else:
             if cfg.hub is None:
                 location["sha256"] = file_sha256(path)
-            out = _convert(islice(rows, cfg.limit), cfg, label, seed)
+            if cfg.hub is None and columnar(cfg, path):
+                out = convert(None, cfg, label, seed, blocks=json_lines_blocks(path, 0, path.stat().st_size))
+            else:
+                out = convert(islice(rows, cfg.limit), cfg, label, seed)
 
     accepted, quarantine = out.tables()
     rows_read = out.rows_read
@@ -150,15 +158,31 @@ def parse_range(
     byte_range: tuple[int, int],
     seed: int,
     spool: str,
+    screen=None,
+    *,
     progress: Callable[[str], object],
 ) -> _Collector:
-    """One worker's part of a parallel read: the rows in ``byte_range`` of ``path``, their batches spooled
-    to an Arrow file in ``spool``; ``progress`` is called every ``PROGRESS_EVERY`` rows (the stall watch)."""
+    """One worker's part of a parallel read: the rows in ``byte_range`` of ``path``, their batches written to
+    an Arrow file in ``spool`` as they are made (a worker holds one batch, not its part); ``screen``: see
+    :func:`convert`. ``progress`` is called every ``PROGRESS_EVERY`` rows (the stall watch)."""
     progress(f"byte {byte_range[0]:,} (started)")
-    out = _convert(_reporting(json_lines_range(path, *byte_range), progress), cfg, path.name, seed)
-    progress("all rows parsed (writing its batches)")
-    out.spool(spool)
+    if columnar(cfg, path):
+        blocks = _reporting_blocks(json_lines_blocks(path, *byte_range), progress)
+        out = convert(None, cfg, path.name, seed, spool, screen, blocks)
+    else:
+        out = convert(_reporting(json_lines_range(path, *byte_range), progress), cfg, path.name, seed, spool, screen)
+    progress("all rows parsed")
     return out
+
+
+NEWLINE = b"\n"
+
+
+def _reporting_blocks(blocks, progress: Callable[[str], object]):
+    for first, block in blocks:
+        yield first, block
+        last = first + block.count(NEWLINE)
+        progress(f"line {last:,}")
 
 
 def _reporting(rows, progress: Callable[[str], object]):
@@ -168,28 +192,113 @@ def _reporting(rows, progress: Callable[[str], object]):
             progress(f"line {row[0] + 1:,}")
 
 
-def _convert(rows, cfg: SourceConfig, label: str, seed: int) -> _Collector:
+def convert(
+    rows, cfg: SourceConfig, label: str, seed: int, spool: str | None = None, screen=None, blocks=None
+) -> _Collector:
     """Run raw rows through the source's adapter, collecting accepted and quarantined rows.
 
     Ids and prompt hashes are computed column-wise when the collector flushes; a row only needs its id
     here to be drawn by weight, or to find an unpaired surrogate before Arrow would refuse the chunk.
+    ``spool``: a directory; each batch goes to an Arrow file there as it is made (``out.spooled``), instead of
+    staying in memory. ``screen``: called on each batch (``screen(batch) -> (kept, quarantine)``, the row-local
+    cleaning of ``tasks.data.stream``); what it keeps is spooled, what it rejects is kept in ``out.screened``.
+    ``blocks``: instead of ``rows``, JSON Lines blocks (``readers.json_lines_blocks``) for an adapter with a
+    columnar parse (:func:`columnar`): each block is parsed by Arrow's JSON reader and the adapter's
+    ``parse_columns``; a block Arrow cannot take as it is, and each row the columnar parse does not take, go
+    row by row as ``rows`` would.
     """
     adapter = get_adapter(cfg.format)
+    out = _Collector(cfg.name, adapter.table, screen)
+    if spool is not None:
+        out.open_spool(spool)
+    if blocks is not None:
+        for first_line, block in blocks:
+            _convert_block(out, adapter, cfg, label, seed, first_line, block)
+    else:
+        take = _row_taker(out, cfg, label, seed)
+        for row in rows:
+            take(*row)
+    if spool is not None:
+        out.close_spool()
+    else:
+        out._flush()
+    out.screen = None  # it goes back to the parent without it (a tokenizer, the evaluation prompts)
+    return out
+
+
+def columnar(cfg: SourceConfig, path: Path | None) -> bool:
+    """Whether a source is read by blocks (``convert(blocks=...)``): an uncompressed JSON Lines file of a format
+    with a columnar parse, read whole (no ``limit``) and unweighted (a weight draws per row)."""
+    adapter = get_adapter(cfg.format)
+    return (
+        adapter.parse_columns is not None
+        and path is not None
+        and path.name.lower().endswith(".jsonl")
+        and cfg.limit is None
+        and cfg.weight >= 1
+    )
+
+
+# A "\ud800"-style escape (a lone surrogate once decoded): such blocks go row by row, where it is quarantined.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SLOW_SHARE = 0.05  # above this share of rows the columnar parse does not take, a block goes row by row
+
+
+def _convert_block(out: _Collector, adapter, cfg: SourceConfig, label: str, seed: int, first: int, block: bytes):
+    from pyarrow import json as pa_json
+
+    lines = block.count(b"\n") + (not block.endswith(b"\n"))
+    table = None
+    if not (first == 0 and block.startswith(b"\xef\xbb\xbf")) and not _SURROGATE_ESCAPE.search(block):
+        schema = pa.schema([(f, pa.string()) for f in adapter.fields])
+        try:
+            table = pa_json.read_json(
+                pa.BufferReader(block),
+                read_options=pa_json.ReadOptions(use_threads=False, block_size=len(block) + 1),
+                parse_options=pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
+            )
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            table = None  # not every line a JSON object of strings there: the rows say which and why
+        if table is not None and table.num_rows != lines:
+            table = None  # blank lines (skipped by Arrow): row by row keeps each row's line index
+    if table is not None:
+        ok, columns = adapter.parse_columns(*(table[f].combine_chunks() for f in adapter.fields))
+        slow = np.flatnonzero(~ok)
+        if len(slow) <= _SLOW_SHARE * lines:
+            # The rows it did not take, row by row into a collector of their own; then one batch in line order.
+            aside = _Collector(out.source, out.table_name)
+            take = _row_taker(aside, cfg, label, seed)
+            texts = block.split(b"\n")
+            for k in slow.tolist():
+                take(*next(_json_lines([texts[k] + b"\n"], label, first + k)))
+            aside._flush()
+            out.take_quarantine(aside)
+            fast = out.build(columns, first + np.flatnonzero(ok))
+            out.accept_batch(pa.Table.from_batches([fast, *aside.batches], schema=out.table.schema), lines - len(slow))
+            return
+    take = _row_taker(out, cfg, label, seed)
+    for row in _json_lines(io.BytesIO(block), label, first):
+        take(*row)
+
+
+def _row_taker(out: _Collector, cfg: SourceConfig, label: str, seed: int):
+    """``take(source_row, record, raw, error)``: one raw row through the adapter into ``out``."""
+    adapter = get_adapter(cfg.format)
     options = cfg.typed_options()
-    out = _Collector(cfg.name, adapter.table)
     table = out.table
     parse, needs_rng, weight = adapter.parse, adapter.needs_rng, cfg.weight
     per_row = weight < 1
-    for source_row, record, raw, error in rows:
+
+    def take(source_row, record, raw, error) -> None:
         if error is not None:
             out.quarantine(source_row, error[0], error[1], raw)
-            continue
+            return
         rng = random.Random(f"{seed}:{source_row}") if needs_rng else None
         try:
             row = parse(record, options, rng)
         except RowError as e:
             out.quarantine(source_row, e.reason, f"{_where(label, source_row, raw)}: {e.detail}", raw, record)
-            continue
+            return
         if per_row or not _encodable(row, table.messages):
             try:
                 row_id = table.row_id(row)
@@ -200,7 +309,7 @@ def _convert(rows, cfg: SourceConfig, label: str, seed: int) -> _Collector:
                     f"{_where(label, source_row, raw)}: unpaired surrogate escape in the text ({e.reason})",
                     raw if raw is not None else json.dumps(record, default=str),
                 )  # ASCII: writable
-                continue
+                return
             if per_row and _draw(row_id, seed) >= weight:
                 out.quarantine(
                     source_row,
@@ -209,9 +318,10 @@ def _convert(rows, cfg: SourceConfig, label: str, seed: int) -> _Collector:
                     raw,
                     record,
                 )
-                continue
+                return
         out.accept(source_row, row)
-    return out
+
+    return take
 
 
 def _encodable(row: dict, keys: tuple[str, ...]) -> bool:
@@ -242,9 +352,13 @@ class _Collector:
     """Accepted and quarantined rows of one table, column-wise; flushed to Arrow every ``_CHUNK`` rows.
     It travels between processes, so it holds the table's name (``schemas.tables``), not the table."""
 
-    def __init__(self, source: str, table: str = "preference"):
+    def __init__(self, source: str, table: str = "preference", screen=None):
         self.source = source
         self.table_name = table
+        self.screen = screen
+        self.screened: list[pa.Table] = []  # quarantine rows of the screen, per batch
+        self.spooled: str | None = None
+        self._writer = None
         self.rows_read = 0
         self.batches: list[pa.RecordBatch] = []
         self.q_rows: list[int] = []
@@ -296,7 +410,7 @@ class _Collector:
     def _flush(self) -> None:
         if not self.source_rows:
             return
-        n, table = len(self.source_rows), self.table
+        table = self.table
         lists = {}
         for key, (offsets, roles, contents) in self.messages.items():
             values = pa.StructArray.from_arrays(
@@ -304,24 +418,64 @@ class _Collector:
             )
             lists[key] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, type=MESSAGES)
         lists |= {k: pa.array(v, table.schema.field(k).type) for k, v in self.scalars.items()}
-        columns = {
-            "id": pa.array(table.ids(lists), pa.string()),
-            "source": pa.array([self.source] * n, pa.string()),
-            "source_row": pa.array(self.source_rows, pa.int64()),
-            **lists,
-            "prompt_hash": pa.array(prompt_hashes(table.prompts(lists)), pa.string()),
-        }
-        self.batches.append(pa.RecordBatch.from_pydict(columns, schema=table.schema))
+        batch = self.build(lists, self.source_rows)
         self._reset()
+        self._emit(batch)
 
-    def spool(self, directory: str) -> None:
-        """Write the batches to an Arrow IPC file in ``directory``; only its name travels with ``self``."""
+    def build(self, lists: dict, source_rows) -> pa.RecordBatch:
+        """A batch of the table from its adapter columns (``lists``: message lists and scalars) and row indices:
+        content ids and prompt hashes computed here, column-wise."""
+        table = self.table
+        return pa.RecordBatch.from_pydict(
+            {
+                "id": pa.array(table.ids(lists), pa.string()),
+                "source": pa.array([self.source] * len(source_rows), pa.string()),
+                "source_row": pa.array(source_rows, pa.int64()),
+                **lists,
+                "prompt_hash": pa.array(prompt_hashes(table.prompts(lists)), pa.string()),
+            },
+            schema=table.schema,
+        )
+
+    def accept_batch(self, rows: pa.Table, read: int) -> None:
+        """Keep rows built elsewhere (:meth:`build`), in source order after every row kept so far; ``read``: how
+        many of them count as read here (rows merged from another collector count there)."""
         self._flush()
+        self.rows_read += read
+        rows = rows.sort_by("source_row").combine_chunks()
+        for batch in rows.to_batches():
+            self._emit(batch)
+
+    def take_quarantine(self, other: _Collector) -> None:
+        """The rows ``other`` read (its quarantine here; its accepted rows go to :meth:`accept_batch`)."""
+        self.rows_read += other.rows_read
+        self.q_rows += other.q_rows
+        self.q_reasons += other.q_reasons
+        self.q_details += other.q_details
+        self.q_raw += other.q_raw
+
+    def _emit(self, batch: pa.RecordBatch) -> None:
+        if self.screen is not None:
+            batch, rejected = self.screen(batch)
+            self.screened.append(rejected)
+        if self._writer is not None:
+            self._writer.write_batch(batch)
+        else:
+            self.batches.append(batch)
+
+    def open_spool(self, directory: str) -> None:
+        """From now on every batch goes to an Arrow IPC file in ``directory`` as it is made; only the file's
+        name travels with ``self``."""
         fd, self.spooled = tempfile.mkstemp(suffix=".arrow", dir=directory)
-        with os.fdopen(fd, "wb") as f, pa.ipc.new_file(f, self.table.schema) as writer:
-            for batch in self.batches:
-                writer.write_batch(batch)
-        self.batches = []
+        schema = self.screen.schema(self.table) if self.screen is not None else self.table.schema
+        self._file = os.fdopen(fd, "wb")
+        self._writer = pa.ipc.new_file(self._file, schema)
+
+    def close_spool(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._file.close()
+        self._writer = self._file = None
 
     def unspool(self) -> None:
         """Map the spooled batches back (zero-copy); the file goes, its pages stay while they are used."""
@@ -348,7 +502,11 @@ class _Collector:
     def tables(self) -> tuple[pa.Table, pa.Table]:
         self._flush()
         accepted = pa.Table.from_batches(self.batches, schema=self.table.schema)
-        quarantine = pa.Table.from_pydict(
+        return accepted, self.quarantine_table()
+
+    def quarantine_table(self) -> pa.Table:
+        """The rows the reading and the adapter kept out (the screen's rejects are in ``screened``)."""
+        return pa.Table.from_pydict(
             {
                 "source": [self.source] * len(self.q_rows),
                 "source_row": self.q_rows,
@@ -359,4 +517,47 @@ class _Collector:
             },
             schema=QUARANTINE_SCHEMA,
         )
-        return accepted, quarantine
+
+
+def source_input(cfg: SourceConfig, base_dir: Path | None = None) -> tuple[dict, object]:
+    """A source's identity before any row is read: ``{name, format, table, path | hub, sha256}`` (sha256 of the
+    file's bytes, or the hub dataset's fingerprint), and the loaded hub dataset (None for a file), so a dataset
+    version can be found reused without parsing anything."""
+    table = get_adapter(cfg.format).table
+    if cfg.hub is not None:
+        dataset = load_hub(cfg.hub)
+        location = {"hub": cfg.hub.model_dump(mode="json"), "sha256": hub_fingerprint(dataset, cfg.hub)}
+    else:
+        path = resolve_path(cfg.path, cfg.name, base_dir)
+        dataset, location = None, {"path": str(path), "sha256": file_sha256(path)}
+    return {"name": cfg.name, "format": cfg.format, "table": table, **location}, dataset
+
+
+def read_parts(
+    cfg: SourceConfig,
+    info: dict,
+    dataset,
+    seed: int,
+    spool: str,
+    screen,
+    while_parsing: Callable[[], object] | None = None,
+) -> list[_Collector]:
+    """Stream one source (``info`` and ``dataset`` from :func:`source_input`) through its adapter and ``screen``
+    into Arrow files in ``spool``, in bounded batches: a large JSON Lines file in parallel parts (one worker
+    process per core, as :func:`read_source`), anything else here. The parts, in source order; each holds its
+    rows read, its quarantine rows (``q_*`` and ``screened``) and its spooled file of kept rows."""
+    if dataset is not None:
+        with closing(hub_records(dataset)) as rows:
+            return [convert(islice(rows, cfg.limit), cfg, cfg.hub.path, seed, spool, screen)]
+    path = Path(info["path"])
+    ranges = _parallel_ranges(cfg, path)
+    if len(ranges) > 1:
+        jobs = [(cfg, path, r, seed, spool, screen) for r in ranges]
+        labels = [f"{path} bytes {start:,}-{end:,} (source {cfg.name!r})" for start, end in ranges]
+        parts = run_jobs("tasks.data.sources.core:parse_range", jobs, labels, meanwhile=while_parsing)
+        wait_for_background_imports()  # see _read_parallel
+        return parts
+    if columnar(cfg, path):
+        return [convert(None, cfg, path.name, seed, spool, screen, json_lines_blocks(path, 0, path.stat().st_size))]
+    with closing(read_records(path)) as rows:
+        return [convert(islice(rows, cfg.limit), cfg, path.name, seed, spool, screen)]

@@ -6,7 +6,7 @@ from tasks.data.sources import generic, hh_rlhf, orca_dpo_pairs, sft, ultrafeedb
 from tasks.data.sources.base import Adapter
 
 ADAPTERS: dict[str, Adapter] = {
-    "hh-rlhf": Adapter("hh-rlhf", hh_rlhf.parse),
+    "hh-rlhf": Adapter("hh-rlhf", hh_rlhf.parse, parse_columns=hh_rlhf.parse_columns, fields=("chosen", "rejected")),
     "orca_dpo_pairs": Adapter("orca_dpo_pairs", orca_dpo_pairs.parse),
     "ultrafeedback": Adapter("ultrafeedback", ultrafeedback.parse, needs_rng=True),
     "ultrafeedback_binarized": Adapter("ultrafeedback_binarized", ultrafeedback_binarized.parse),

@@ -20,7 +20,11 @@ several public reward-model datasets (``"\n\nHuman: …\n\nAssistant:"`` + answe
 
 from __future__ import annotations
 
-from schemas.preference import Reason
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.preference import MESSAGES, Reason
 from tasks.data.sources.base import RowError, assistant, require_str, split_common_prefix
 
 HUMAN = "\n\nHuman: "
@@ -132,3 +136,73 @@ def parse(record: dict, options=None, rng=None) -> dict:
         transcript_messages(chosen, "chosen"), transcript_messages(rejected, "rejected"), single_answer=True
     )
     return {"prompt": prompt, "chosen": answer_c, "rejected": answer_r, "score_chosen": None, "score_rejected": None}
+
+
+def parse_columns(chosen: pa.Array, rejected: pa.Array) -> tuple[np.ndarray, dict[str, pa.Array]]:
+    """:func:`parse`'s fast path on whole columns (Arrow compute, no Python per row): which rows take it, and
+    their canonical columns (in the order of those rows). The rows it does not take (another shape, a null, a
+    row the general path must judge) go through :func:`parse` one by one; tests compare both on every real row.
+    Written by hand because no library splits hh transcripts; the rules are :func:`parse`'s, marker for marker."""
+    chosen_split = pc.split_pattern(chosen, ASSISTANT, max_splits=1, reverse=True)
+    rejected_split = pc.split_pattern(rejected, ASSISTANT, max_splits=1, reverse=True)
+    two = pc.and_(pc.equal(pc.list_value_length(chosen_split), 2), pc.equal(pc.list_value_length(rejected_split), 2))
+    ok = two.fill_null(False).to_numpy(zero_copy_only=False)
+    # pieces of rows without a marker: any value (they are not taken); list_element needs index 1 everywhere
+    pad = pa.array([[None, None]] * len(chosen), pa.list_(pa.string()))
+    chosen_split = pc.if_else(two.fill_null(False), chosen_split, pad)
+    rejected_split = pc.if_else(two.fill_null(False), rejected_split, pad)
+    prompt_text, answer_c = pc.list_element(chosen_split, 0), pc.list_element(chosen_split, 1)
+    rejected_prompt, answer_r = pc.list_element(rejected_split, 0), pc.list_element(rejected_split, 1)
+    checks = [
+        pc.greater(pc.binary_length(prompt_text), 0),
+        pc.equal(prompt_text, rejected_prompt),
+        pc.starts_with(chosen, HUMAN),
+        pc.invert(pc.ends_with(chosen, _TRAILING[0])),
+        pc.invert(pc.ends_with(chosen, _TRAILING[1])),
+        pc.invert(pc.ends_with(rejected, _TRAILING[0])),
+        pc.invert(pc.ends_with(rejected, _TRAILING[1])),
+        pc.not_equal(answer_c, answer_r),
+        pc.invert(pc.match_substring(answer_c, HUMAN)),
+        pc.invert(pc.match_substring(answer_r, HUMAN)),
+    ]
+    for check in checks:
+        ok &= check.fill_null(False).to_numpy(zero_copy_only=False)
+    take = pa.array(np.flatnonzero(ok), pa.int64())
+    prompt_text, answer_c, answer_r = (pc.take(x, take) for x in (prompt_text, answer_c, answer_r))
+    # the prompt: its Human pieces (the first, before the first marker, is empty: skipped), each cut on Assistant
+    pieces = pc.split_pattern(prompt_text, HUMAN)
+    piece_counts = pc.list_value_length(pieces).to_numpy() - 1
+    piece_offsets = pieces.offsets.to_numpy()
+    keep = np.ones(len(pieces.values), dtype=bool)
+    keep[piece_offsets[:-1]] = False  # each row's first piece
+    body = pieces.values.filter(pa.array(keep))
+    turns = pc.split_pattern(body, ASSISTANT)
+    per_piece = pc.list_value_length(turns).to_numpy()
+    contents = turns.values
+    first_of_piece = np.zeros(len(contents), dtype=bool)
+    first_of_piece[turns.offsets.to_numpy()[:-1]] = True
+    roles = pa.array(np.where(first_of_piece, "user", "assistant").tolist(), pa.string())
+    # rows' turn offsets: the turns of its pieces, summed
+    piece_ends = np.cumsum(piece_counts)
+    turn_ends = np.cumsum(per_piece)
+    row_turns = np.diff(np.concatenate([[0], turn_ends[piece_ends - 1]]) if len(piece_ends) else np.zeros(1, int))
+    # the prompt must end with a user turn: its last piece has no Assistant marker
+    last_is_user = per_piece[piece_ends - 1] == 1 if len(piece_ends) else np.zeros(0, dtype=bool)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(row_turns)]).astype(np.int32))
+    values = pa.StructArray.from_arrays([roles, contents], fields=list(MESSAGES.value_type))
+    prompt = pa.ListArray.from_arrays(offsets, values, type=MESSAGES)
+    taken = np.flatnonzero(ok)
+    if not last_is_user.all():  # a prompt ending with an assistant turn: the general path says why
+        ok[taken[~last_is_user]] = False
+        prompt = prompt.filter(pa.array(last_is_user))
+        answer_c, answer_r = answer_c.filter(pa.array(last_is_user)), answer_r.filter(pa.array(last_is_user))
+    single = pa.array(np.arange(len(answer_c) + 1, dtype=np.int32))
+    role = pa.array(["assistant"] * len(answer_c), pa.string())
+    answers = {
+        side: pa.ListArray.from_arrays(
+            single, pa.StructArray.from_arrays([role, text], fields=list(MESSAGES.value_type)), type=MESSAGES
+        )
+        for side, text in (("chosen", answer_c), ("rejected", answer_r))
+    }
+    none = pa.nulls(len(answer_c), pa.float64())
+    return ok, {"prompt": prompt, **answers, "score_chosen": none, "score_rejected": none}

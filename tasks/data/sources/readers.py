@@ -81,6 +81,27 @@ def json_lines_range(path: Path, start: int, end: int) -> Iterator[RawRow]:
         yield from _json_lines(_lines_upto(f, end - start), path.name, first_line)
 
 
+def json_lines_blocks(path: Path, start: int, end: int, size: int = 16 << 20) -> Iterator[tuple[int, bytes]]:
+    """Bytes [start, end) of a JSON Lines file as blocks of whole lines, about ``size`` bytes each: (the index of
+    the block's first line in the file, the block). For the columnar parse (``core.convert``)."""
+    with open(path, "rb") as f:
+        line = sum(block.count(b"\n") for block in _blocks(f, start))
+        left, carry = end - start, b""
+        while left > 0 or carry:
+            data = f.read(min(size, left)) if left > 0 else b""
+            left -= len(data)
+            data = carry + data
+            if not data:
+                return
+            cut = data.rfind(b"\n") + 1 if left > 0 else len(data)
+            if cut == 0:  # one line longer than a block: read on
+                carry = data
+                continue
+            block, carry = data[:cut], data[cut:]
+            yield line, block
+            line += block.count(b"\n")
+
+
 def _lines_upto(f: IO[bytes], size: int) -> Iterator[bytes]:
     """The lines of ``f`` from where it is, up to ``size`` bytes (a range ends on a line boundary).
     Streamed: reading a whole part into memory first cost each worker ~100 MB of page faults."""
