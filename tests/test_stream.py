@@ -120,7 +120,10 @@ def test_split_files_are_the_same_bytes_whatever_the_number_of_workers(repeated_
 
 
 ODD_ROWS = [  # shapes the columnar parse leaves to the row-by-row adapter (each judged there)
-    {"chosen": "\n\nHuman: a\n\nAssistant: x\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: x\n\nAssistant: c"},
+    {
+        "chosen": "\n\nHuman: a\n\nAssistant: x\n\nAssistant: b",
+        "rejected": "\n\nHuman: a\n\nAssistant: x\n\nAssistant: c",
+    },
     {"chosen": "\n\nHuman: a\n\nAssistant:", "rejected": "\n\nHuman: a\n\nAssistant: c"},
     {"chosen": "Human: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"},
     {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: b"},
