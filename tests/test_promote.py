@@ -314,16 +314,16 @@ def test_contract_ok_warnings_only_passes_critical_failure_fails():
 
 
 TINY_RUN = {
-    "rm_accuracy": 0.756,
-    "dpo_accuracy": 0.707,
-    "kl_per_token": 0.104,
-    "win_rate": 0.841,
-    "win_rate_ci_low": 0.756,
-    "win_rate_ci_high": 0.927,
+    "rm_accuracy": 0.829,
+    "dpo_accuracy": 0.805,
+    "kl_per_token": 0.008,
+    "win_rate": 0.512,
+    "win_rate_ci_low": 0.427,
+    "win_rate_ci_high": 0.598,
     "safety_refusal_rate": 0.0,
     "benign_refusal_rate": 0.0,
     "contract_success": 1.0,
-}  # what `python -m flows.align --recipe recipes/tiny.yaml --stages sft,reward,dpo` produced, 2026-12-02 (DPO 5 steps)
+}  # what `python -m flows.align --recipe recipes/tiny.yaml` (every stage, with CAI) produced, 2026-12-02 (DPO 2e-4 x 3)
 
 # Measured 2026-12-01: the tiny recipe with 12 DPO steps, evaluated with the 15-step run as champion (v1). It lost
 # to SFT (whole CI below 0.5) and to the champion, and the old gates (CI upper >= 0.4, refusals only) promoted it.
