@@ -323,7 +323,8 @@ TINY_RUN = {
     "safety_refusal_rate": 0.0,
     "benign_refusal_rate": 0.0,
     "contract_success": 1.0,
-}  # what `python -m flows.align --recipe recipes/tiny.yaml` (every stage, with CAI) produced, 2026-12-02 (DPO 2e-4 x 3)
+}  # what `python -m flows.align --recipe recipes/tiny.yaml` (every stage, with CAI) produced, 2026-12-02
+# (DPO 2e-4 x 3)
 
 # Measured 2026-12-01: the tiny recipe with 12 DPO steps, evaluated with the 15-step run as champion (v1). It lost
 # to SFT (whole CI below 0.5) and to the champion, and the old gates (CI upper >= 0.4, refusals only) promoted it.
