@@ -1,5 +1,8 @@
 """Preference-optimisation stage: TRL DPOTrainer (reference = the SFT/base model, or the adapter-disabled
-base under LoRA), or ORPO / SimPO (trl.experimental) selected by ``dpo.method``.
+base under LoRA), or ORPO / SimPO (trl.experimental) selected by ``dpo.method``. The frozen reference's
+log-probs are precomputed once before step 1 (TRL ``precompute_ref_log_probs``; no second model is then loaded
+under full fine-tuning) when the run covers an epoch of the train set, unless ``dpo.args`` says otherwise (the
+rule and its measured cost: tasks/training/stage.py ``precompute_ref_default``).
 
 Held-out metrics (on the validation split; test is the evaluate stage's) are computed the same way for every
 method, against the stage's base model as reference,
