@@ -166,3 +166,14 @@ def test_columnar_parse_equals_the_row_by_row_adapter(tmp_path, shared_data, mon
     assert by_blocks.quarantine.to_pylist() == by_rows.quarantine.to_pylist()
     assert by_blocks.rows_read == by_rows.rows_read == len(lines) - (bad_line == "")
     assert by_rows.quarantine.num_rows >= len(ODD_ROWS) - 1  # all but the multi-turn one are rejected
+
+
+def test_in_other_split_flags_a_value_held_by_two_splits_and_never_a_null():
+    import numpy as np
+
+    from tasks.data.contract_views import _in_other_split
+
+    values = pa.array(["a", "b", "a", None, "c", "c", None], pa.string())
+    split = np.array(["train", "train", "test", "test", "validation", "validation", "train"])
+    assert _in_other_split(values, split).tolist() == [True, False, True, False, False, False, False]
+    assert _in_other_split(pa.array([], pa.string()), np.array([], dtype=str)).tolist() == []

@@ -230,14 +230,16 @@ def _turn_stats(column: pa.ChunkedArray, n: int) -> dict[str, Any]:
 
 
 def _in_other_split(values: pa.Array, split: np.ndarray) -> np.ndarray:
-    """Per row: its value (null never matches) also occurs in a split other than the row's own."""
-    splits_holding = np.zeros(len(values), dtype=np.int64)
-    for name in SPLITS:
-        here = split == name
-        if here.any():
-            value_set = pc.unique(values.filter(pa.array(here))).drop_null()
-            splits_holding += pc.is_in(values, value_set=value_set).fill_null(False).to_numpy(zero_copy_only=False)
-    return splits_holding > 1
+    """Per row: its value (null never matches) also occurs in a split other than the row's own. One hash
+    aggregate (distinct splits per value) and one lookup, whatever the number of splits."""
+    if len(values) == 0:
+        return np.zeros(0, dtype=bool)
+    codes = np.zeros(len(split), dtype=np.int8)
+    for k, name in enumerate(SPLITS):
+        codes[split == name] = k
+    grouped = pa.table({"v": values, "s": codes}).group_by("v").aggregate([("s", "count_distinct")])
+    shared = grouped.filter(pc.greater(grouped["s_count_distinct"], 1))["v"].drop_null()
+    return pc.is_in(values, value_set=shared, skip_nulls=True).fill_null(False).to_numpy(zero_copy_only=False)
 
 
 def _fill_false(flags: pa.Array) -> np.ndarray:

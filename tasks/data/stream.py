@@ -18,6 +18,7 @@ functions stay the definitions, this module only runs them batch-wise.
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,13 +192,16 @@ def pin_splits(decisions: dict[str, Decision], smalls: dict[str, pa.Table], pinn
 
 
 class SplitWriter:
-    """One split file, written in row groups of exactly ``ROW_GROUP`` rows (the last one shorter)."""
+    """One split file, written in row groups of exactly ``ROW_GROUP`` rows (the last one shorter). With an
+    ``executor`` (one thread), the row groups are compressed and written there while the caller reads and sorts
+    the next batches: Arrow's Parquet writer releases the GIL, and the parent's other core is idle otherwise."""
 
-    def __init__(self, path: Path, schema: pa.Schema):
+    def __init__(self, path: Path, schema: pa.Schema, executor=None):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.schema, self.rows = path, schema, 0
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
+        self._executor, self._writes = executor, []
         # The fixed options of tasks.data.dataset.write_parquet: no timestamps, the same rows give the same bytes.
         self._writer = pq.ParquetWriter(path, schema, compression="zstd", use_dictionary=True, write_statistics=True)
 
@@ -212,14 +216,25 @@ class SplitWriter:
 
     def _emit(self, size: int) -> None:
         pending = pa.concat_tables(self._pending)
-        self._writer.write_table(pending.slice(0, size), row_group_size=size)
+        group = pending.slice(0, size)
+        if self._executor is None:
+            self._writer.write_table(group, row_group_size=size)
+        else:
+            while len(self._writes) >= 2:  # at most two row groups in flight: memory stays bounded
+                self._writes.pop(0).result()
+            self._writes.append(self._executor.submit(self._writer.write_table, group, row_group_size=size))
         rest = pending.slice(size)
         self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
 
     def close(self) -> None:
-        if self._pending_rows:
-            self._emit(self._pending_rows)
-        self._writer.close()
+        try:
+            if self._pending_rows:
+                self._emit(self._pending_rows)
+            for write in self._writes:
+                write.result()  # a failed write raises here
+        finally:
+            self._writes = []
+            self._writer.close()
 
 
 @dataclass
@@ -241,10 +256,15 @@ def batches(spooled: list[str]):
 def assemble(out_dir: Path, spooled: dict[str, list[str]], decisions: dict[str, Decision], file_of) -> Assembled:
     """Every table's spooled rows to their split files under ``out_dir`` (``file_of(table, split)``) or to the
     quarantine, and the contract's rows view built on the way."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet") as executor:
+        return _assemble(out_dir, spooled, decisions, file_of, executor)
+
+
+def _assemble(out_dir: Path, spooled: dict[str, list[str]], decisions: dict[str, Decision], file_of, executor):
     views, quarantined, files = {}, [], {}
     for name, paths in spooled.items():
         spec, d = get_table(name), decisions[name]
-        writers = {split: SplitWriter(out_dir / file_of(name, split), spec.schema) for split in SPLITS}
+        writers = {split: SplitWriter(out_dir / file_of(name, split), spec.schema, executor) for split in SPLITS}
         parts: dict[str, list] = {s: [] for s in SPLITS}  # the rows view, already in split order
         at = 0
         try:
