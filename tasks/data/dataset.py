@@ -34,7 +34,7 @@ from tasks.data.decontaminate import evaluation_decontaminator, evaluation_promp
 from tasks.data.preload import import_in_background
 from tasks.data.sources.formats import get_adapter
 from tasks.data.sources.readers import file_sha256
-from tasks.data.split import SPLITS
+from tasks.data.split import SPLITS, drawn_fractions
 from tasks.registry.secrets import redact
 from tasks.runtime.faults import fault_point
 from tasks.runtime.locks import exclusive
@@ -180,9 +180,9 @@ def stream_version(recipe: Recipe, version: str, inputs, tokenizer, tmp: Path) -
     from tasks.data.stream import Screen, assemble, decide, per_source_checked, pin_splits, small_columns
 
     d, pinned, tables = recipe.data, pinned_splits(recipe), tables_of(recipe)
-    draws = {s: 0.0 if s in pinned.values() else getattr(d, f"{s}_fraction") for s in ("test", "validation")}
+    draws = drawn_fractions(d.test_fraction, d.validation_fraction, pinned)
     decontaminator = evaluation_decontaminator(recipe)
-    screens = {t: Screen(d, decontaminator, t, draws["test"], draws["validation"], tokenizer) for t in tables}
+    screens = {t: Screen(d, decontaminator, t, *draws, tokenizer) for t in tables}
     spool = tmp / ".spool"
     spool.mkdir()
     read, last = [], len(recipe.sources) - 1
@@ -320,10 +320,12 @@ def run_contracts(recipe: Recipe, views: dict[str, pa.Table], quarantine: pa.Tab
 
 def contract_params(recipe: Recipe, table: str = "preference") -> dict:
     """A table's suite placeholders; a split a source keeps as its own is not drawn (its drawn share is 0)."""
-    pinned = set(pinned_splits(recipe).values())
+    test, validation = drawn_fractions(
+        recipe.data.test_fraction, recipe.data.validation_fraction, pinned_splits(recipe)
+    )
     return {
-        "test_fraction": 0.0 if "test" in pinned else recipe.data.test_fraction,
-        "validation_fraction": 0.0 if "validation" in pinned else recipe.data.validation_fraction,
+        "test_fraction": test,
+        "validation_fraction": validation,
         "split_tolerance": recipe.data.split_tolerance,
         "min_chars": recipe.data.lengths.min_chars,
         "max_chars": recipe.data.lengths.max_chars,

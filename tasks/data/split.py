@@ -74,6 +74,19 @@ def split_rows(table: pa.Table, test_fraction: float, validation_fraction: float
     return split_tables({"preference": (table, "prompt")}, test_fraction, validation_fraction, seed)["preference"]
 
 
+def drawn_fractions(test_fraction: float, validation_fraction: float, pinned: dict[str, str]) -> tuple[float, float]:
+    """The (test, validation) shares the hash split draws: 0 for a split a source keeps as its own."""
+    values = set(pinned.values())
+    return (0.0 if "test" in values else test_fraction, 0.0 if "validation" in values else validation_fraction)
+
+
+def hold(held: dict[str, str], keys, sources, pinned: dict[str, str]) -> None:
+    """Add to ``held`` (key → split) the keys of rows of pinned sources (source → split); test wins."""
+    for key, source in zip(keys, sources):
+        if source in pinned and held.get(key) != "test":
+            held[key] = pinned[source]
+
+
 def split_tables(
     tables: dict[str, tuple[pa.Table, str]],
     test_fraction: float,
@@ -87,11 +100,8 @@ def split_tables(
     keys = {name: split_keys(table[column]) for name, (table, column) in tables.items()}
     held: dict[str, str] = {}  # key → the split a pinned source holds it in
     for name, (table, _) in tables.items():
-        for key, source in zip(keys[name], table["source"].to_pylist()):
-            if source in pinned and held.get(key) != "test":
-                held[key] = pinned[source]
-    test_draw = 0.0 if "test" in pinned.values() else test_fraction
-    validation_draw = 0.0 if "validation" in pinned.values() else validation_fraction
+        hold(held, keys[name], table["source"].to_pylist(), pinned)
+    test_draw, validation_draw = drawn_fractions(test_fraction, validation_fraction, pinned)
     out = {}
     for name, (table, _) in tables.items():
         where = assign_splits(keys[name], test_draw, validation_draw, seed)

@@ -33,7 +33,7 @@ from schemas.tables import Table, get_table
 from tasks.data.clean import quarantine_from, screen_rows
 from tasks.data.contract_views import finish_rows, row_columns
 from tasks.data.decontaminate import KINDS, Decontaminator
-from tasks.data.split import SPLITS, assign_splits, split_keys
+from tasks.data.split import SPLITS, assign_splits, hold, split_keys
 
 # Columns a screened batch carries beside the table's own (dropped before anything is written).
 EXTRA = pa.schema(
@@ -178,9 +178,7 @@ def pin_splits(decisions: dict[str, Decision], smalls: dict[str, pa.Table], pinn
         small = smalls[name]
         mine = pc.is_in(small["source"], value_set=pa.array(list(pinned))).to_numpy(zero_copy_only=False)
         rows = pa.array(np.flatnonzero(d.accepted & mine), pa.int64())
-        for key, source in zip(small["_key"].take(rows).to_pylist(), small["source"].take(rows).to_pylist()):
-            if held.get(key) != "test":
-                held[key] = pinned[source]
+        hold(held, small["_key"].take(rows).to_pylist(), small["source"].take(rows).to_pylist(), pinned)
     if not held:
         return
     for name, d in decisions.items():

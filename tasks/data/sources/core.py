@@ -71,35 +71,16 @@ def read_source(
     files only), when this process would otherwise wait idle; background imports it starts
     (``tasks.data.preload``) are finished before this returns.
     """
-    table = get_adapter(cfg.format).table  # an unknown format fails here, before any reading
-    ranges: list = []
-    if cfg.hub is not None:
-        dataset = load_hub(cfg.hub)
-        rows, label = hub_records(dataset), cfg.hub.path
-        location = {"hub": cfg.hub.model_dump(mode="json"), "sha256": hub_fingerprint(dataset, cfg.hub)}
-    else:
-        path = resolve_path(cfg.path, cfg.name, base_dir)
-        rows, label = read_records(path), path.name
-        location = {"path": str(path)}
-        ranges = _parallel_ranges(cfg, path)
-
-    with closing(rows):
-        if len(ranges) > 1:
-            with tempfile.TemporaryDirectory(prefix="align-parse-", dir=_spool_dir(path.stat().st_size)) as spool:
-                out = _read_parallel(cfg, path, ranges, seed, spool, location, while_parsing)
-        else:
-            if cfg.hub is None:
-                location["sha256"] = file_sha256(path)
-            if cfg.hub is None and columnar(cfg, path):
-                out = convert(None, cfg, label, seed, blocks=json_lines_blocks(path, 0, path.stat().st_size))
-            else:
-                out = convert(islice(rows, cfg.limit), cfg, label, seed)
-
+    info, dataset = source_input(cfg, base_dir)  # an unknown format or a missing file fails here, before reading
+    size = 0 if dataset is not None else Path(info["path"]).stat().st_size
+    with tempfile.TemporaryDirectory(prefix="align-parse-", dir=_spool_dir(size)) as spool:
+        out = _Collector.merge(
+            cfg.name, info["table"], read_parts(cfg, info, dataset, seed, spool, None, while_parsing)
+        )
     accepted, quarantine = out.tables()
     rows_read = out.rows_read
     assert rows_read == accepted.num_rows + quarantine.num_rows, (cfg.name, rows_read)
-    info = {"name": cfg.name, "format": cfg.format, "table": table, **location, "rows": rows_read}
-    return SourceResult(cfg.name, accepted, quarantine, rows_read, info, table)
+    return SourceResult(cfg.name, accepted, quarantine, rows_read, {**info, "rows": rows_read}, info["table"])
 
 
 def check_sources(sources: list[SourceConfig], base_dir: Path | None = None) -> None:
@@ -120,25 +101,6 @@ def _parallel_ranges(cfg: SourceConfig, path: Path) -> list[tuple[int, int]]:
     if workers < 2 or cfg.limit is not None or path.suffix != ".jsonl" or path.stat().st_size < PARALLEL_MIN_BYTES:
         return []
     return line_ranges(path, workers)
-
-
-def _read_parallel(cfg: SourceConfig, path: Path, ranges, seed: int, spool: str, location: dict, while_parsing):
-    """Parse each byte range in its own worker process (``parallel.run_jobs``: exec'd, never forked from this
-    process and its threads; a worker that stalls or dies fails the read naming its range)."""
-    jobs = [(cfg, path, r, seed, spool) for r in ranges]
-    labels = [f"{path} bytes {start:,}-{end:,} (source {cfg.name!r})" for start, end in ranges]
-
-    def meanwhile() -> None:  # this process's own work while the workers parse
-        location["sha256"] = file_sha256(path)
-        if while_parsing is not None:
-            while_parsing()
-
-    parts = run_jobs("tasks.data.sources.core:parse_range", jobs, labels, meanwhile=meanwhile)
-    # What the hook imports in the background must be done before this thread imports anything (Arrow
-    # loads pandas below): two threads importing one package with circular imports (Great Expectations,
-    # pandas) can get a partially initialised module.
-    wait_for_background_imports()
-    return _Collector.merge(cfg.name, get_adapter(cfg.format).table, parts)
 
 
 def _spool_dir(input_bytes: int) -> str | None:
@@ -175,14 +137,10 @@ def parse_range(
     return out
 
 
-NEWLINE = b"\n"
-
-
 def _reporting_blocks(blocks, progress: Callable[[str], object]):
-    for first, block in blocks:
-        yield first, block
-        last = first + block.count(NEWLINE)
-        progress(f"line {last:,}")
+    for first, block, lines in blocks:
+        yield first, block, lines
+        progress(f"line {first + lines:,}")
 
 
 def _reporting(rows, progress: Callable[[str], object]):
@@ -212,8 +170,8 @@ def convert(
     if spool is not None:
         out.open_spool(spool)
     if blocks is not None:
-        for first_line, block in blocks:
-            _convert_block(out, adapter, cfg, label, seed, first_line, block)
+        for first_line, block, lines in blocks:
+            _convert_block(out, adapter, cfg, label, seed, first_line, block, lines)
     else:
         take = _row_taker(out, cfg, label, seed)
         for row in rows:
@@ -244,10 +202,11 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _SLOW_SHARE = 0.05  # above this share of rows the columnar parse does not take, a block goes row by row
 
 
-def _convert_block(out: _Collector, adapter, cfg: SourceConfig, label: str, seed: int, first: int, block: bytes):
+def _convert_block(
+    out: _Collector, adapter, cfg: SourceConfig, label: str, seed: int, first: int, block: bytes, lines: int
+):
     from pyarrow import json as pa_json
 
-    lines = block.count(b"\n") + (not block.endswith(b"\n"))
     table = None
     if not (first == 0 and block.startswith(b"\xef\xbb\xbf")) and not _SURROGATE_ESCAPE.search(block):
         schema = pa.schema([(f, pa.string()) for f in adapter.fields])
@@ -554,8 +513,13 @@ def read_parts(
     if len(ranges) > 1:
         jobs = [(cfg, path, r, seed, spool, screen) for r in ranges]
         labels = [f"{path} bytes {start:,}-{end:,} (source {cfg.name!r})" for start, end in ranges]
+        # parallel.run_jobs: exec'd workers, never forked from this process and its threads; a worker that stalls
+        # or dies fails the read naming its range.
         parts = run_jobs("tasks.data.sources.core:parse_range", jobs, labels, meanwhile=while_parsing)
-        wait_for_background_imports()  # see _read_parallel
+        # What the hook imports in the background must be done before this thread imports anything (Arrow
+        # loads pandas later): two threads importing one package with circular imports (Great Expectations,
+        # pandas) can get a partially initialised module.
+        wait_for_background_imports()
         return parts
     if columnar(cfg, path):
         return [convert(None, cfg, path.name, seed, spool, screen, json_lines_blocks(path, 0, path.stat().st_size))]

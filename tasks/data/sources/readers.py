@@ -77,15 +77,15 @@ def json_lines_range(path: Path, start: int, end: int) -> Iterator[RawRow]:
     parts; see ``line_ranges``). Each part counts the lines before its start itself, so the parent does
     not read the whole file before the parts can begin."""
     with open(path, "rb") as f:
-        first_line = sum(block.count(b"\n") for block in _blocks(f, start))
+        first_line = _lines_before(f, start)
         yield from _json_lines(_lines_upto(f, end - start), path.name, first_line)
 
 
-def json_lines_blocks(path: Path, start: int, end: int, size: int = 16 << 20) -> Iterator[tuple[int, bytes]]:
+def json_lines_blocks(path: Path, start: int, end: int, size: int = 16 << 20) -> Iterator[tuple[int, bytes, int]]:
     """Bytes [start, end) of a JSON Lines file as blocks of whole lines, about ``size`` bytes each: (the index of
-    the block's first line in the file, the block). For the columnar parse (``core.convert``)."""
+    the block's first line in the file, the block, its line count). For the columnar parse (``core.convert``)."""
     with open(path, "rb") as f:
-        line = sum(block.count(b"\n") for block in _blocks(f, start))
+        line = _lines_before(f, start)
         left, carry = end - start, b""
         while left > 0 or carry:
             data = f.read(min(size, left)) if left > 0 else b""
@@ -98,8 +98,14 @@ def json_lines_blocks(path: Path, start: int, end: int, size: int = 16 << 20) ->
                 carry = data
                 continue
             block, carry = data[:cut], data[cut:]
-            yield line, block
-            line += block.count(b"\n")
+            newlines = block.count(b"\n")
+            yield line, block, newlines + (not block.endswith(b"\n"))
+            line += newlines
+
+
+def _lines_before(f: IO[bytes], start: int) -> int:
+    """Lines in the first ``start`` bytes of ``f`` (read from its start; ``f`` is left at ``start``)."""
+    return sum(block.count(b"\n") for block in _blocks(f, start))
 
 
 def _lines_upto(f: IO[bytes], size: int) -> Iterator[bytes]:
