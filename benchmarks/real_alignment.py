@@ -1,7 +1,7 @@
 """Benchmark (on demand, not in `make test`): recipes/smollm2-hh.yaml, a real pretrained chat model
 (SmolLM2-135M-Instruct) through the whole pipeline, on the real hh-rlhf rows in ../shared/data, offline.
 
-    .venv/bin/python -m benchmarks.real_alignment [--rows FILE] [--work DIR] [--quick]
+    .venv/bin/python -m benchmarks.real_alignment [--rows FILE] [--work DIR] [--quick] [--tile N]
 
 The recipe is copied with its `sources` and CAI prompts pointed at the local rows, then `flows.align` runs it
 (ingest → SFT → CAI → reward → DPO → evaluate → register → promote). Afterwards the untrained base model answers
@@ -9,6 +9,13 @@ the same held-out prompts, so the table compares base, SFT and DPO with the eval
 RM accuracy, DPO implicit-reward accuracy, RM-judged win rates with CI, KL per token, answer lengths, refusal
 and over-refusal rates, and the wall time of every stage. `--quick` trains 2 steps per stage on 4 prompts: it
 proves the path in minutes and measures nothing. `--work DIR` keeps everything (a re-run reuses the stages).
+
+`--tile N` measures TIME ONLY: it trains on N rows made from the real ones the way benchmarks.ingest tiles rows
+(row k is real row k mod 300 with a tag `[k]` on its first human turn, so dedupe keeps every copy). Tiled copies of
+one conversation land in different splits: the held-out split shares its content with the training rows, so the
+quality figures of a tiled run (accuracies, win rates, KL, promotion) mean nothing. It answers one question:
+does the recipe's wall time hold at ~1,000 rows (issue 10)? A stage sized by epochs grows with the rows; one
+sized by max_steps does not.
 """
 
 from __future__ import annotations
@@ -52,6 +59,18 @@ def setup_env(work: Path) -> None:
         TOKENIZERS_PARALLELISM="false",
     )
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a busy machine: 20 s fails
+
+
+def tile_rows(rows: Path, n: int, path: Path) -> Path:
+    """``n`` unique hh-rlhf rows from ``rows`` (row k = row k mod len, first human turn tagged ``[k]``), as
+    benchmarks.ingest tiles them. For timing only: copies share content across the splits (module note)."""
+    base = [json.loads(line) for line in rows.read_text(encoding="utf-8").splitlines() if line.strip()]
+    with path.open("w", encoding="utf-8") as f:
+        for k in range(n):
+            r = base[k % len(base)]
+            tag = f"\n\nHuman: [{k}] "
+            f.write(json.dumps({s: r[s].replace("\n\nHuman: ", tag, 1) for s in ("chosen", "rejected")}) + "\n")
+    return path
 
 
 def local_recipe(rows: Path, work: Path, quick: bool) -> Path:
@@ -187,11 +206,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=Path, default=HH, help="hh-rlhf .jsonl rows (default: ../shared/data)")
     parser.add_argument("--work", type=Path, default=None, help="keep state here (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="2 steps per stage, 4 prompts: proves the path")
+    parser.add_argument(
+        "--tile", type=int, default=None, metavar="N", help="N tiled rows from --rows: measures time only (no quality)"
+    )
     args = parser.parse_args(argv)
     work = (args.work or Path(tempfile.mkdtemp(prefix="align-bench-real-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     setup_env(work)
-    path = local_recipe(args.rows.resolve(), work, args.quick)
+    rows = args.rows.resolve()
+    if args.tile:
+        rows = tile_rows(rows, args.tile, work / f"tiled-{args.tile}.jsonl")
+        print(
+            f"--tile {args.tile}: TIME ONLY, the held-out split shares content with training (quality means nothing)"
+        )
+    path = local_recipe(rows, work, args.quick)
     print(f"benchmarks.real_alignment: {path} (state in {work})", flush=True)
 
     from flows.align import align
