@@ -178,3 +178,35 @@ def test_smollm2_tracked_policy_stops_at_end_of_turn_with_plain_generate(real_ru
         out = model.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1] :].tolist()
     assert out[-1] == end and len(out) < 40, tok.decode(out)
     assert "Paris" in tok.decode(out)
+
+
+# ---------------------------------------------------------------- benchmarks.real_alignment --tile
+
+
+def test_tile_rows_are_unique_so_ingest_keeps_every_copy(shared_data, tmp_path):
+    from benchmarks.real_alignment import local_recipe, tile_rows
+    from tasks.data.dataset import build_dataset
+
+    real = [line for line in (shared_data / HH).read_text(encoding="utf-8").splitlines() if line.strip()]
+    path = tile_rows(shared_data / HH, 2 * len(real) + 5, tmp_path / "tiled.jsonl")
+    tiled = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(tiled) == 2 * len(real) + 5 and len({r["chosen"] for r in tiled}) == len(tiled)
+    assert tiled[len(real) + 1]["chosen"].startswith("\n\nHuman: [" + str(len(real) + 1) + "] ")
+    assert tiled[1]["chosen"].replace("[1] ", "", 1) == json.loads(real[1])["chosen"]
+
+    def kept(rows: Path) -> int:
+        recipe = load_recipe(local_recipe(rows, tmp_path, quick=False))
+        manifest = json.loads((build_dataset(recipe, tmp_path / rows.stem).path / "manifest.json").read_text())
+        return sum(manifest["counts"]["tables"]["preference"][s] for s in ("train", "validation", "test"))
+
+    # every copy of a kept real row is kept: dedupe sees distinct prompts
+    assert kept(path) >= 2 * kept(shared_data / HH)
+
+
+def test_smollm2_recipe_stages_are_sized_in_steps_so_time_does_not_grow_with_rows():
+    """Issue 10: the recipe's time must hold at ~1,000 rows (benchmarks.real_alignment --tile 1000)."""
+    data = yaml.safe_load(SMOLLM2_RECIPE.read_text(encoding="utf-8"))
+    for stage in ("sft", "reward", "dpo"):
+        args = data[stage]["args"]
+        assert "num_train_epochs" not in args and args["max_steps"] > 0, stage
+    assert data["cai"]["limit"] and data["evaluate"]["max_prompts"] and data["evaluate"]["max_pairs"]
