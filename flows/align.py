@@ -8,6 +8,10 @@ needs no earlier stage. Without --stages: every stage, ``rl`` only when the reci
 on the human rows + CAI's revisions (supervised CAI, ``cai.mix.sft``) and later stages build on that model; the
 reward model then rescores the CAI pairs it did not train on. One MLflow parent run per flow run; each stage opens
 its nested run.
+
+An unchanged re-run (same recipe, data, named files and models, code, libraries and tracking store as the last
+completed run of the recipe) does nothing: it reports that run's receipt (tasks/runtime/receipts.py) without
+importing training or tracking code, opening an MLflow run or consulting the registry; ``--recheck`` consults it.
 """
 
 from __future__ import annotations
@@ -22,12 +26,19 @@ from flows.ingest import ingest
 from flows.promote import promote
 from schemas.recipe import load_recipe
 from schemas.train_config import RLStage
+from tasks.data.dataset import planned_version
 from tasks.data.sources.core import check_sources
 from tasks.evaluation.stage import evaluate_stage
-from tasks.registry.tracking import check_store, start_pipeline_run
-from tasks.registry.versions import register_stage_task, registered_name
+from tasks.registry.tracking import check_store, read_dataset_version, start_pipeline_run
+from tasks.runtime import receipts
 from tasks.runtime.dispatch import dispatch_stage, publish_stage_metrics, retrain_decision
-from tasks.training.stage import StageConfigError, check_stages, format_stage_metrics, stage_metrics_rows
+from tasks.training.stage import (
+    StageConfigError,
+    check_stages,
+    default_runs_root,
+    format_stage_metrics,
+    stage_metrics_rows,
+)
 
 # Stage order and wiring: stage → the stages whose output is its base model, the first that ran. Add a stage with
 # one line (and its functions in tasks/runtime/dispatch.py STAGE_FUNCTIONS, imported only when the stage runs:
@@ -96,13 +107,22 @@ def align(
     output: str | None = None,
     runs: str | None = None,
     retrain: bool = False,
+    recheck: bool = False,
 ) -> dict:
     """Ingest the recipe's data, run the listed stages in order (default: all; rl when the recipe has an rl:
     section); with sft, reward and the promoted policy (promote.model: dpo or rl) all run, evaluate, register
     (<name>-sft/-reward/-dpo/-rl, alias candidate) and promote. Returns {stage: StageResult, evaluation,
     versions, promotion}; with cai, also cai_rescore (metrics) and, when supervised CAI trained a second SFT,
-    sft_generator (the first SFT; ``sft`` is the second)."""
+    sft_generator (the first SFT; ``sft`` is the second). Unchanged since the last completed run (and not
+    ``recheck``): that run's results, with ``unchanged_since``, and nothing done."""
     r, wanted = recipe_and_stages(recipe, stages)
+    root = Path(runs) if runs else None
+    receipt_root = root or default_runs_root()
+    digest = receipts.inputs_digest(r, wanted, receipt_root)
+    if not (retrain or recheck) and receipts.receipt_path(r, receipt_root).is_file():
+        _, version, _ = planned_version(r, output)  # the inputs' hashes, as ingest finds its version
+        if (done := receipts.unchanged(r, receipts.receipt_key(digest, version), receipt_root)) is not None:
+            return report_unchanged(r, done)
     dataset_dir = Path(ingest(recipe=recipe, output=output))
     if retrain:  # scheduled run (align/retrain): no new data, no new model
         go, why = retrain_decision(r, dataset_dir)
@@ -110,7 +130,6 @@ def align(
         if not go:
             return {"retrain": "skipped", "reason": why}
     results: dict = {}
-    root = Path(runs) if runs else None
     with start_pipeline_run(r, dataset_dir):
         for name in wanted:
             base = next((results[s].model_dir for s in STAGES[name] if s in results), None)
@@ -127,6 +146,8 @@ def align(
                 results["cai_rescore"] = cai_rescore_stage(r, results["cai"], results["reward"])
         policy = r.promote.model if r.promote.model in POLICIES else "dpo"
         if {"sft", "reward", policy} <= results.keys():  # evaluate → register → promote needs all three
+            from tasks.registry.versions import register_stage_task  # MLflow: imported when there is work
+
             results["evaluation"] = evaluate_stage(r, dataset_dir, results["sft"], results["reward"], results[policy])
             results["versions"] = register_stage_task(
                 r,
@@ -139,8 +160,22 @@ def align(
     print(format_stage_metrics(stage_metrics_rows(trained)))
     publish_stage_metrics(trained)
     if "versions" in results:
+        from tasks.registry.versions import registered_name
+
         model = registered_name(r.name, r.promote.model)
         results["promotion"] = promote(model=model, version=results["versions"][r.promote.model], recipe=recipe)
+    key = receipts.receipt_key(digest, read_dataset_version(dataset_dir))
+    receipts.write_receipt(r, key, results, receipt_root, flow_run.id, flow_run.name)
+    return results
+
+
+def report_unchanged(recipe, results: dict) -> dict:
+    """An unchanged re-run: the receipt's line and stage table, printed and as the `stage-metrics` artifact."""
+    line = receipts.summary(recipe, results)
+    trained = {k: v for k, v in results.items() if k in STAGES or k == SFT_GENERATOR}
+    print(line)
+    print(format_stage_metrics(stage_metrics_rows(trained)))
+    publish_stage_metrics(trained, note=line)
     return results
 
 
@@ -154,6 +189,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--output", default=None, help="dataset root (default: the recipe's data.output_dir)")
     parser.add_argument("--runs", default=None, help="stage output root (default: runs/ or $ALIGN_RUNS_DIR)")
+    parser.add_argument(
+        "--recheck",
+        action="store_true",
+        help="consult the registry and promotion even when nothing changed since the last completed run",
+    )
     args = parser.parse_args(argv)
     from scripts.cli import run_command  # the command layer: checks, Prefect mode, one-line errors
 
@@ -161,7 +201,12 @@ def main(argv: list[str] | None = None) -> None:
         check_sources(load_recipe(args.recipe).sources)  # first: checking the stages may import TRL
         recipe_and_stages(args.recipe, args.stages)
 
-    run_command(check, lambda: align(recipe=args.recipe, stages=args.stages, output=args.output, runs=args.runs))
+    run_command(
+        check,
+        lambda: align(
+            recipe=args.recipe, stages=args.stages, output=args.output, runs=args.runs, recheck=args.recheck
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -27,12 +27,13 @@ from prefect.context import FlowRunContext
 
 from schemas.recipe import load_recipe
 from tasks.registry import tracking
-from tasks.registry import versions as registry
 
 
 @flow(name="promote", log_prints=True)
 def promote(model: str, version: int | None = None, rollback: bool = False, recipe: str | None = None) -> dict:
     """Judge `model` version (default: candidate) against the gates and move champion; or roll back."""
+    from tasks.registry import versions as registry  # MLflow (a second): imported when there is a decision
+
     r = load_recipe(recipe) if recipe else None
     _use_tracking(r)
     record = (

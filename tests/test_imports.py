@@ -19,8 +19,8 @@ HEAVY = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "gr
 PROBE = "import json, sys\n{body}\nprint(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))"
 
 
-def heavy_imports_of(body: str, env: dict | None = None, timeout: int = 300) -> list[str]:
-    code = PROBE.format(body=body, heavy=HEAVY)
+def heavy_imports_of(body: str, env: dict | None = None, timeout: int = 300, modules=HEAVY) -> list[str]:
+    code = PROBE.format(body=body, heavy=tuple(modules))
     proc = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
@@ -34,7 +34,8 @@ def heavy_imports_of(body: str, env: dict | None = None, timeout: int = 300) -> 
 
 
 def test_importing_the_flows_imports_no_heavy_library():
-    assert heavy_imports_of("import flows.align, flows.ingest, flows.promote") == []
+    imported = heavy_imports_of("import flows.align, flows.ingest, flows.promote", modules=(*HEAVY, "mlflow"))
+    assert imported == []  # MLflow too (a second): only a stage, registration or promotion that works imports it
 
 
 def _fast_recipe(tmp_path: Path) -> Path:
@@ -52,19 +53,23 @@ def _fast_recipe(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_align_rerun_with_every_stage_reused_imports_no_heavy_library(tmp_path):
-    """Second run of the same recipe on the same data: every stage and the evaluation come from their keyed
-    outputs, registration and promotion are no-ops, and no heavy library is imported (fresh process)."""
+def test_align_rerun_unchanged_does_nothing_and_recheck_reuses_every_stage_without_heavy_imports(tmp_path):
+    """Second run of the same recipe on the same data: the last run's receipt, with no MLflow either (nothing is
+    consulted). With recheck: every stage and the evaluation come from their keyed outputs, registration and
+    promotion are no-ops, and no heavy library is imported (fresh processes)."""
     recipe = _fast_recipe(tmp_path)
-    call = (
-        f"from flows.align import align\n"
-        f"r = align(recipe={str(recipe)!r}, output={str(tmp_path / 'data')!r}, runs={str(tmp_path / 'runs')!r})\n"
-        f"assert all(r[s].reused for s in ('sft', 'cai', 'reward', 'dpo', 'rl')), r"
-    )
+    where = f"recipe={str(recipe)!r}, output={str(tmp_path / 'data')!r}, runs={str(tmp_path / 'runs')!r}"
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREFECT_HOME": str(tmp_path / "prefect")}
-    first = (
-        f"from flows.align import align\n"
-        f"align(recipe={str(recipe)!r}, output={str(tmp_path / 'data')!r}, runs={str(tmp_path / 'runs')!r})"
+    assert "torch" in heavy_imports_of(f"from flows.align import align\nalign({where})", env)  # the probe sees it
+    stages = "('sft', 'cai', 'reward', 'dpo', 'rl')"
+    unchanged = (
+        f"from flows.align import align\nr = align({where})\n"
+        f"assert r['unchanged_since']['flow_run_id'] and all(r[s].reused for s in {stages}), r\n"
+        f"assert r['promotion']['model'] == 'reuse-dpo', r"
     )
-    assert "torch" in heavy_imports_of(first, env)  # the probe sees a real run's imports
-    assert heavy_imports_of(call, env) == []
+    assert heavy_imports_of(unchanged, env, modules=(*HEAVY, "mlflow")) == []
+    recheck = (
+        f"from flows.align import align\nr = align({where}, recheck=True)\n"
+        f"assert 'unchanged_since' not in r and all(r[s].reused for s in {stages}), r"
+    )
+    assert heavy_imports_of(recheck, env) == []

@@ -121,16 +121,21 @@ def existing_version(output_dir: Path, version: str) -> DatasetVersion | None:
     return None
 
 
+def planned_version(recipe: Recipe, output_dir: str | Path | None = None) -> tuple[Path, str, list]:
+    """(output folder, dataset version, each source's (identity, hub dataset)): the version from the inputs'
+    hashes, before any row is parsed (what ``build_dataset`` finds reused, and align's receipt is keyed on)."""
+    from tasks.data.sources.core import source_input
+
+    inputs = [source_input(cfg) for cfg in recipe.sources]
+    return Path(output_dir or recipe.data.output_dir), compute_dataset_version(recipe, [i for i, _ in inputs]), inputs
+
+
 def build_dataset(recipe: Recipe, output_dir: Path | None = None, tokenizer=None) -> DatasetVersion:
     """Sources → clean → split → contract → atomic write, streaming (tasks/data/stream.py). The version is known
     from the inputs' hashes before any row is parsed, so an unchanged dataset is found and reused at that cost.
     Raises ContractBreach on a critical breach."""
-    from tasks.data.sources.core import source_input
-
     started = time.perf_counter()
-    output_dir = Path(output_dir or recipe.data.output_dir)
-    inputs = [source_input(cfg) for cfg in recipe.sources]
-    version = compute_dataset_version(recipe, [info for info, _ in inputs])
+    output_dir, version, inputs = planned_version(recipe, output_dir)
     if found := existing_version(output_dir, version):
         return found
     # One build of a version at a time: a concurrent run of the same data waits here, then reuses what it published.

@@ -138,13 +138,14 @@ def prepare_base(stage: str, recipe, dataset_dir, args: tuple, kwargs: dict) -> 
 # ---- flow-level views of the stages (used by flows/align.py) ------------------------------------
 
 
-def publish_stage_metrics(results: dict, plans: dict | None = None) -> str:
-    """Prefect artifact `stage-metrics`: the stage table of tasks.training.stage, as markdown."""
+def publish_stage_metrics(results: dict, plans: dict | None = None, note: str | None = None) -> str:
+    """Prefect artifact `stage-metrics`: the stage table of tasks.training.stage, as markdown (``note`` above it)."""
     from prefect.artifacts import create_markdown_artifact
 
     from tasks.training.stage import format_stage_metrics, stage_metrics_rows
 
     text = format_stage_metrics(stage_metrics_rows(results, plans), markdown=True)
+    text = f"{note}\n\n{text}" if note else text
     create_markdown_artifact(text, key="stage-metrics", description="stages of this align run: reused or trained")
     return text
 
