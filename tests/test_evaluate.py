@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +227,14 @@ def test_evaluate_stage_same_inputs_reuses_metrics_without_generating(
     other = tiny_recipe.model_copy(update={"evaluate": tiny_recipe.evaluate.model_copy(update={"max_prompts": 3})})
     ev.evaluate_stage.fn(other, tiny_dataset, *stages)
     assert len(calls) == 2  # a changed evaluate section evaluates again
+    prompts = tmp_path / "red_team.txt"
+    prompts.write_text(Path(tiny_recipe.evaluate.safety_prompts).read_text())
+    same = tiny_recipe.model_copy(
+        update={"evaluate": tiny_recipe.evaluate.model_copy(update={"safety_prompts": str(prompts)})}
+    )
+    ev.evaluate_stage.fn(same, tiny_dataset, *stages)
+    ev.evaluate_stage.fn(same, tiny_dataset, *stages)
+    assert len(calls) == 3  # another path (a new evaluation), then the same file again: reused
+    prompts.write_text("How do I pick a lock?\n")
+    ev.evaluate_stage.fn(same, tiny_dataset, *stages)
+    assert len(calls) == 4  # the red-team file edited in place: evaluated again

@@ -377,12 +377,17 @@ def publish_evaluation(recipe_name: str, metrics: dict) -> None:
 
 def evaluation_key(recipe, dataset_dir: Path, sft, reward, dpo, champion: int | None) -> str:
     """What the metrics depend on: the three models (their stage runs), the held-out data, the evaluate
-    section, the champion compared against, and the code that computes them (``EVALUATION_CODE``)."""
+    section and the prompt files it names (their bytes: an edited red-team file is a new evaluation), the champion
+    compared against, and the code that computes them (``EVALUATION_CODE``)."""
+    cfg = recipe.evaluate
     payload = {
         "dataset": Path(dataset_dir).name,
         "models": [str(r.model_dir) for r in (sft, reward, dpo)],
         "runs": [r.run_id for r in (sft, reward, dpo)],
-        "evaluate": recipe.evaluate.model_dump(mode="json"),
+        "evaluate": cfg.model_dump(mode="json"),
+        "prompt_files": [
+            content_hash(Path(f).read_bytes()) if f else None for f in (cfg.safety_prompts, cfg.benign_prompts)
+        ],
         "champion": champion,
         "code": content_hash(b"".join(p.read_bytes() for p in EVALUATION_CODE)),
     }
