@@ -118,7 +118,7 @@ def align(
     r, wanted = recipe_and_stages(recipe, stages)
     root = Path(runs) if runs else None
     receipt_root = root or default_runs_root()
-    digest = receipts.inputs_digest(r, wanted, receipt_root)
+    digest = receipts.inputs_digest(r, wanted, receipt_root, output)
     if not (retrain or recheck) and receipts.receipt_path(r, receipt_root).is_file():
         _, version, _ = planned_version(r, output)  # the inputs' hashes, as ingest finds its version
         if (done := receipts.unchanged(r, receipts.receipt_key(digest, version), receipt_root)) is not None:

@@ -60,6 +60,8 @@ def test_receipt_key_changes_with_a_named_file_a_setting_the_stages_or_the_data_
     assert key_of(recipe, root, stages=("sft",)) != key_of(recipe, root)
     assert key_of(recipe, root, version="v2") != key_of(recipe, root)
     assert key_of(recipe, tmp_path / "other-runs") != key_of(recipe, root)
+    elsewhere = receipts.receipt_key(receipts.inputs_digest(recipe, ["sft"], root, tmp_path / "data2"), "v1")
+    assert elsewhere != key_of(recipe, root, stages=("sft",))  # the dataset written to another folder
 
 
 def test_receipt_key_follows_the_tracking_store(recipe, tmp_path, monkeypatch):

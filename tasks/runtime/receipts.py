@@ -1,9 +1,9 @@
 """An unchanged re-run of `align` does nothing: the receipt of the last completed run on the same inputs.
 
-    digest = inputs_digest(recipe, stages, output_root)        # when the run starts: no torch, no MLflow
+    digest = inputs_digest(recipe, stages, runs_root, data_root)  # when the run starts: no torch, no MLflow
     key = receipt_key(digest, dataset_version)                  # the version from the inputs' hashes
-    done = unchanged(recipe, key, output_root)                  # the last completed run's results, or None
-    write_receipt(recipe, key, results, output_root, ...)       # after a run that completed
+    done = unchanged(recipe, key, runs_root)                    # the last completed run's results, or None
+    write_receipt(recipe, key, results, runs_root, ...)         # after a run that completed
 
 Every stage, the evaluation and the dataset are reused by their own content keys, but reaching those keys costs
 a Prefect task run per stage, the MLflow parent run, the registry (is it registered? is it champion?) and the
@@ -139,7 +139,7 @@ def named_inputs(obj, field: str = "") -> dict[str, str]:
     return out
 
 
-def inputs_digest(recipe, stages: list[str], output_root: Path) -> str:
+def inputs_digest(recipe, stages: list[str], output_root: Path, data_root: str | Path | None = None) -> str:
     """Everything of the key but the dataset version, read when the run starts (a file edited while the run
     trains then counts as changed next time)."""
     from tasks.registry.tracking import tracking_uri
@@ -153,6 +153,7 @@ def inputs_digest(recipe, stages: list[str], output_root: Path) -> str:
         "libraries": library_versions(),
         "tracking": tracking_uri(recipe),
         "runs": str(Path(output_root).resolve()),
+        "data": str(Path(data_root or recipe.data.output_dir).resolve()),  # where the dataset is written
     }
     return content_hash(payload)
 
