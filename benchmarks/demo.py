@@ -91,7 +91,7 @@ def main() -> None:
     )
     params = {"output": str(state / "data"), "runs": str(state / "runs")}
     if args.fast:
-        from tests.test_orchestration import make_fast_recipe
+        from tests.test_orchestration import make_fast_recipe  # tests/fast_recipes.py
 
         args.recipe = str(make_fast_recipe(state))
     try:

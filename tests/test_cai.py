@@ -34,6 +34,7 @@ from tasks.cai.stage import (
 from tasks.data.decontaminate import read_eval_prompts
 from tasks.data.split import split_keys
 from tasks.training.generation import BackendUnavailable, GenOutput, cut_at_stop, require_vllm
+from tests.fast_recipes import PASSING_PROMOTE, SMALL_EVALUATE, fast_tiny_recipe
 
 TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 
@@ -400,20 +401,13 @@ def test_supervised_cai_mix_without_rows_skips_second_sft_and_says_why(tmp_path,
 
 def _fast_cai_recipe(tmp_path: Path) -> Path:
     """tiny.yaml, 2 steps per stage, 6 CAI prompts, half the CAI pairs into reward training (the rest held out)."""
-    import yaml
-
-    data = yaml.safe_load(TINY_RECIPE.read_text())
-    data["name"] = "slcai"
-    data.pop("rl", None)
-    for stage in ("sft", "reward", "dpo"):
-        data[stage]["args"].update(max_steps=2, eval_strategy="no", save_strategy="no")
-    data["cai"].update(limit=6)
-    data["cai"]["mix"]["reward"] = {"weight": 0.5}
-    data["evaluate"].update(max_prompts=2, max_pairs=4, max_new_tokens=2, bootstrap_samples=20)
-    data["promote"] = {"gates": {"kl": {"metric": "kl_per_token", "op": "<=", "threshold": 1e9}}}
-    path = tmp_path / "slcai.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    cai = {"cai": {"limit": 6, "mix": {"reward": {"weight": 0.5, "max_fraction": None}}}}
+    return fast_tiny_recipe(
+        tmp_path / "slcai.yaml",
+        {"sft": 2, "reward": 2, "dpo": 2},
+        merge={"name": "slcai", **cai, **SMALL_EVALUATE},
+        replace=PASSING_PROMOTE,
+    )
 
 
 @pytest.mark.slow

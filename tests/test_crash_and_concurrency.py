@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
 from scripts.services import Services, _wait_healthy
 from tasks.data.sources.readers import file_sha256
 from tasks.runtime.faults import ENV as FAULT_ENV
+from tests.fast_recipes import PASSING_PROMOTE, SMALL_EVALUATE, fast_tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("sft", "reward", "dpo")
@@ -40,15 +40,11 @@ def free_port() -> int:
 def fast_recipe(folder: Path, name: str, **sft_args) -> Path:
     """recipes/tiny.yaml with 4 SFT steps (a checkpoint every 2), 2 reward and 2 DPO steps, a tiny evaluation
     and a gate that passes (file paths resolve against the project root: the commands run there)."""
-    data = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
-    for stage, steps in (("sft", 4), ("reward", 2), ("dpo", 2)):
-        data[stage]["args"].update(max_steps=steps, eval_strategy="no", save_steps=2)
-    data["sft"]["args"].update(sft_args)
-    data["evaluate"].update(max_prompts=2, max_pairs=4, max_new_tokens=2, bootstrap_samples=20)
-    data["promote"] = {"gates": {"kl": {"metric": "kl_per_token", "op": "<=", "threshold": 1e9}}}
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    merge = {"sft": {"args": sft_args}, **SMALL_EVALUATE}
+    steps = {"sft": 4, "reward": 2, "dpo": 2}
+    return fast_tiny_recipe(
+        folder / f"{name}.yaml", steps, save_steps=2, keep_rl=True, merge=merge, replace=PASSING_PROMOTE
+    )
 
 
 @dataclass

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+from tests.fast_recipes import PASSING_PROMOTE, SMALL_EVALUATE, fast_tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "great_expectations")
@@ -39,17 +40,16 @@ def test_importing_the_flows_imports_no_heavy_library():
 
 
 def _fast_recipe(tmp_path: Path) -> Path:
-    """The tiny recipe with a few steps per stage and few prompts (as tests/test_promote.py's e2e run)."""
-    data = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
-    data["name"] = "reuse"
-    for stage, steps in (("sft", 1), ("reward", 1), ("dpo", 1), ("rl", 1)):
-        data[stage]["args"].update(max_steps=steps, eval_strategy="no", save_strategy="no")
-    data["cai"].update(limit=2, generation={**data["cai"]["generation"], "max_new_tokens": 8})
-    data["evaluate"].update(max_prompts=2, max_pairs=4, max_new_tokens=2, bootstrap_samples=20)
-    data["promote"] = {"gates": {"kl": {"metric": "kl_per_token", "op": "<=", "threshold": 1e9}}}
-    path = tmp_path / "reuse.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    """The tiny recipe with one step per stage (rl too) and few prompts (as tests/test_promote.py's e2e run)."""
+    cai = {"cai": {"limit": 2, "generation": {"max_new_tokens": 8}}}
+    steps = {"sft": 1, "reward": 1, "dpo": 1, "rl": 1}
+    return fast_tiny_recipe(
+        tmp_path / "reuse.yaml",
+        steps,
+        keep_rl=True,
+        merge={"name": "reuse", **cai, **SMALL_EVALUATE},
+        replace=PASSING_PROMOTE,
+    )
 
 
 @pytest.mark.slow

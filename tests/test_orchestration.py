@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from scripts.services import Services
+from tests.fast_recipes import fast_tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,18 +46,13 @@ def services(tmp_path_factory):
 
 
 def make_fast_recipe(folder: Path) -> Path:
-    """recipes/tiny.yaml with a few steps per stage (file paths resolve against the project root)."""
-    data = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
-    data.pop("rl", None)  # the RL stage's flow tests are tests/test_rl.py
-    for stage, steps in (("sft", 8), ("reward", 8), ("dpo", 6)):
-        args = data.setdefault(stage, {}).setdefault("args", {})
-        args.update(max_steps=steps, eval_strategy="no", save_steps=4)
+    """recipes/tiny.yaml with a few steps per stage, no rl (the RL stage's flow tests are tests/test_rl.py)."""
     # Orchestration is under test, not the metrics: a small CAI and evaluation (the scenario runs align/full 5x).
-    data["cai"]["limit"] = 4
-    data["evaluate"].update(max_prompts=4, max_pairs=8, max_new_tokens=8, bootstrap_samples=50)
-    path = folder / "tiny-fast.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    small = {
+        "cai": {"limit": 4},
+        "evaluate": {"max_prompts": 4, "max_pairs": 8, "max_new_tokens": 8, "bootstrap_samples": 50},
+    }
+    return fast_tiny_recipe(folder / "tiny-fast.yaml", {"sft": 8, "reward": 8, "dpo": 6}, save_steps=4, merge=small)
 
 
 def run_align(svc: Services, deployment: str, params: dict, job_variables: dict | None = None):
