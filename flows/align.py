@@ -111,10 +111,10 @@ def align(
 ) -> dict:
     """Ingest the recipe's data, run the listed stages in order (default: all; rl when the recipe has an rl:
     section); with sft, reward and the promoted policy (promote.model: dpo or rl) all run, evaluate, register
-    (<name>-sft/-reward/-dpo/-rl, alias candidate) and promote. Returns {stage: StageResult, evaluation,
-    versions, promotion}; with cai, also cai_rescore (metrics) and, when supervised CAI trained a second SFT,
-    sft_generator (the first SFT; ``sft`` is the second). Unchanged since the last completed run (and not
-    ``recheck``): that run's results, with ``unchanged_since``, and nothing done."""
+    (<name>-sft/-reward/-dpo/-rl, alias candidate) and promote. Returns {dataset (its folder), stage:
+    StageResult, evaluation, versions, promotion}; with cai, also cai_rescore (metrics) and, when supervised CAI
+    trained a second SFT, sft_generator (the first SFT; ``sft`` is the second). Unchanged since the last
+    completed run (and not ``recheck``): that run's results, with ``unchanged_since``, and nothing done."""
     r, wanted = recipe_and_stages(recipe, stages)
     root = Path(runs) if runs else None
     receipt_root = root or default_runs_root()
@@ -129,7 +129,7 @@ def align(
         print(why)
         if not go:
             return {"retrain": "skipped", "reason": why}
-    results: dict = {}
+    results: dict = {"dataset": dataset_dir}
     with start_pipeline_run(r, dataset_dir):
         for name in wanted:
             base = next((results[s].model_dir for s in STAGES[name] if s in results), None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -125,6 +126,11 @@ def registry_summary(tracking_uri: str, recipe_name: str) -> list[str]:
     return lines
 
 
+def dataset_docs(result) -> str | None:
+    folder = result.get("dataset") if isinstance(result, dict) else None
+    return str(Path(folder) / "data_docs" / "index.html") if folder else None
+
+
 def promotion_summary(result) -> list[str]:
     if not isinstance(result, dict):
         return []
@@ -134,10 +140,16 @@ def promotion_summary(result) -> list[str]:
     if not isinstance(p, dict):
         return ["  (no promotion in this run)"]
     failed = ", ".join(p.get("failed") or []) or "none"
+    since = result.get("unchanged_since")
     return [
+        *(
+            [f"  nothing changed since flow run {since['flow_run_name']} ({since['finished_at']}): its decision"]
+            if since
+            else []
+        ),
         f"  {p.get('model')} v{p.get('version')}: {p.get('action')} "
         f"({'all gates passed' if p.get('passed') else 'failed gates: ' + failed}); "
-        f"champion history {p.get('champion_history')}"
+        f"champion history {p.get('champion_history')}",
     ]
 
 
@@ -153,7 +165,6 @@ def run_demo(svc, recipe: str) -> int:
     state = final.state.type.value
     log(f"align/full {state.lower()} in {took:.0f}s: {final.state.message or ''}")
     arts = artifacts(run.id)
-    docs = data_docs_path(arts)
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # unpickling the result imports the stages
@@ -162,6 +173,7 @@ def run_demo(svc, recipe: str) -> int:
     except Exception as e:  # a failed run has no result; the state message says why
         result = None
         log(f"no flow result: {e}")
+    docs = data_docs_path(arts) or dataset_docs(result)  # an unchanged re-run ingests nothing: the dataset's own
     print("\nWhere to look")
     print(f"  Prefect UI   {svc.ui_url}/runs/flow-run/{run.id}   (artifacts: data quality, stage metrics, promotion)")
     print(f"  MLflow UI    {svc.mlflow_url}/#/models")

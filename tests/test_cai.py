@@ -435,7 +435,7 @@ def test_align_with_cai_trains_sft_again_on_revisions_and_rescores_heldout_pairs
     with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
         results = align(recipe=str(path), stages="sft,cai,reward,dpo", **dirs)
         out = capsys.readouterr().out
-        again = align(recipe=str(path), stages="sft,cai,reward,dpo", **dirs)
+        again = align(recipe=str(path), stages="sft,cai,reward,dpo", recheck=True, **dirs)  # each stage's reuse
 
     cai, first, sl = results["cai"], results["sft_generator"], results["sft"]
     m = cai.metrics
@@ -468,7 +468,7 @@ def test_align_with_cai_trains_sft_again_on_revisions_and_rescores_heldout_pairs
         "sft_generator",
         "sft",
     ]
-    # unchanged re-run: both SFT folders, CAI, reward, DPO reused; the rescore comes from its cache
+    # unchanged re-run past the receipt: both SFT folders, CAI, reward, DPO reused; the rescore from its cache
     assert all(again[s].reused for s in ("sft_generator", "cai", "sft", "reward", "dpo"))
     assert (again["sft_generator"].model_dir, again["sft"].model_dir) == (first.model_dir, sl.model_dir)
     assert again["cai_rescore"] == rescore and again["versions"] == results["versions"]

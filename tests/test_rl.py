@@ -172,7 +172,7 @@ def test_align_rl_stage_raises_heldout_reward_is_tracked_registered_and_reused(p
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ALIGN_RUNS_DIR", str(root / "runs"))
         results = align(recipe=str(path), stages="sft,reward,dpo,rl", **_dirs(root))
-        again = align(recipe=str(path), stages="sft,reward,dpo,rl", **_dirs(root))
+        again = align(recipe=str(path), stages="sft,reward,dpo,rl", recheck=True, **_dirs(root))  # stage reuse
 
     rl = results["rl"]
     assert all(results[s].reused for s in ("sft", "reward", "dpo")) and not rl.reused
