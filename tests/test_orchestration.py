@@ -107,15 +107,23 @@ def check_align_full_deployment_completes_with_every_stage_trained(services, fir
 
 
 def check_align_full_rerun_reuses_every_stage(services, first_run):
+    """The unchanged re-run is the first run's receipt: every stage reused, no subflow, no task, no new version."""
     from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter
 
-    params, _, _ = first_run
+    params, first, _ = first_run
     client = MlflowClient(tracking_uri=services.tracking_uri)
     versions = {s: client.get_model_version_by_alias(f"tiny-{s}", "candidate").version for s in STAGES}
-    _, state = run_align(services, "align/full", params)
+    run, state = run_align(services, "align/full", params)
     assert state.is_completed(), state.message
     results = _results(services, state)
     assert [name for name, r in results.items() if not r.reused] == []
+    with services.api(), get_client(sync_client=True) as prefect:
+        since = state.result()["unchanged_since"]
+        children = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [run.id]}))
+        tasks = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [run.id]}))
+    assert since["flow_run_id"] == str(first.id) and children == [] and tasks == []
     # the same models: no new registry version, `candidate` where it was
     assert {s: client.get_model_version_by_alias(f"tiny-{s}", "candidate").version for s in versions} == versions
 
