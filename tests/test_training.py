@@ -160,7 +160,8 @@ def test_reward_stage_alone_on_minilm_runs_through_the_flow(tmp_path, monkeypatc
     path = tmp_path / "minilm.yaml"
     path.write_text(yaml.safe_dump(data))
     results = align(recipe=str(path), stages="reward", output=str(tmp_path / "data"), runs=str(tmp_path / "runs"))
-    assert list(results) == ["reward"]
+    assert list(results) == ["dataset", "reward"]  # only the stage asked for (and the dataset it read)
+    assert results["dataset"] == next((tmp_path / "data").glob("*/manifest.json")).parent
     rm = results["reward"]
     assert rm.metrics["global_step"] == 4 and 0 <= rm.metrics["final_accuracy"] <= 1
     assert (rm.model_dir / "model.safetensors").is_file()
