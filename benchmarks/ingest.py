@@ -34,15 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL_ROWS = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.head300.jsonl"
 
 
-def make_rows(n: int, path: Path) -> None:
-    base = [json.loads(line) for line in REAL_ROWS.read_text(encoding="utf-8").splitlines()]
+def tile_rows(rows: Path, n: int, path: Path) -> Path:
+    """``n`` unique hh-rlhf rows from ``rows`` (row k = row k mod len, its first human turn tagged ``[k]``, so
+    dedupe keeps every copy): real shape at any size (this benchmark, benchmarks.real_alignment --tile)."""
+    base = [json.loads(line) for line in rows.read_text(encoding="utf-8").splitlines() if line.strip()]
     with path.open("w", encoding="utf-8") as f:
         for k in range(n):
             r = base[k % len(base)]
             tag = f"\n\nHuman: [{k}] "
-            f.write(
-                json.dumps({side: r[side].replace("\n\nHuman: ", tag, 1) for side in ("chosen", "rejected")}) + "\n"
-            )
+            f.write(json.dumps({s: r[s].replace("\n\nHuman: ", tag, 1) for s in ("chosen", "rejected")}) + "\n")
+    return path
 
 
 # ---- baseline: the conversion of TRL's example script (re-implemented here, same algorithm) ----
@@ -167,7 +168,7 @@ def main() -> None:
             startup_lib = timed(["--run", "imports", "--input", "-", "--out", "-"])
             for n in [int(x) for x in a.rows.split(",")]:
                 rows = tmp / f"hh{n}.jsonl"
-                make_rows(n, rows)
+                tile_rows(REAL_ROWS, n, rows)
                 mb = rows.stat().st_size / 1e6
                 base = timed(["--run", "baseline", "--input", str(rows), "--out", str(tmp / f"baseline{n}")])
                 lib = timed(["--run", "ours", "--input", str(rows), "--out", str(tmp / f"lib{n}")])

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.ingest import tile_rows  # the one tiling (for timing only: copies share content across splits)
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-hh.yaml"
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.head300.jsonl"
@@ -59,18 +61,6 @@ def setup_env(work: Path) -> None:
         TOKENIZERS_PARALLELISM="false",
     )
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a busy machine: 20 s fails
-
-
-def tile_rows(rows: Path, n: int, path: Path) -> Path:
-    """``n`` unique hh-rlhf rows from ``rows`` (row k = row k mod len, first human turn tagged ``[k]``), as
-    benchmarks.ingest tiles them. For timing only: copies share content across the splits (module note)."""
-    base = [json.loads(line) for line in rows.read_text(encoding="utf-8").splitlines() if line.strip()]
-    with path.open("w", encoding="utf-8") as f:
-        for k in range(n):
-            r = base[k % len(base)]
-            tag = f"\n\nHuman: [{k}] "
-            f.write(json.dumps({s: r[s].replace("\n\nHuman: ", tag, 1) for s in ("chosen", "rejected")}) + "\n")
-    return path
 
 
 def local_recipe(rows: Path, work: Path, quick: bool) -> Path:
