@@ -119,9 +119,10 @@ def align(
     root = Path(runs) if runs else None
     receipt_root = root or default_runs_root()
     digest = receipts.inputs_digest(r, wanted, receipt_root, output)
-    if not (retrain or recheck) and receipts.receipt_path(r, receipt_root).is_file():
-        _, version, _ = planned_version(r, output)  # the inputs' hashes, as ingest finds its version
-        if (done := receipts.unchanged(r, receipts.receipt_key(digest, version), receipt_root)) is not None:
+    if not (retrain or recheck):
+        # the dataset version from the inputs' hashes, as ingest finds it: hashed only when all else matches
+        done = receipts.unchanged(r, digest, receipt_root, lambda: planned_version(r, output)[1])
+        if done is not None:
             return report_unchanged(r, done)
     dataset_dir = Path(ingest(recipe=recipe, output=output))
     if retrain:  # scheduled run (align/retrain): no new data, no new model
@@ -156,7 +157,7 @@ def align(
                 dataset_dir,
                 str(flow_run.id),
             )
-    trained = {k: v for k, v in results.items() if k in STAGES or k == SFT_GENERATOR}
+    trained = stage_results(results)
     print(format_stage_metrics(stage_metrics_rows(trained)))
     publish_stage_metrics(trained)
     if "versions" in results:
@@ -164,15 +165,20 @@ def align(
 
         model = registered_name(r.name, r.promote.model)
         results["promotion"] = promote(model=model, version=results["versions"][r.promote.model], recipe=recipe)
-    key = receipts.receipt_key(digest, read_dataset_version(dataset_dir))
-    receipts.write_receipt(r, key, results, receipt_root, flow_run.id, flow_run.name)
+    version = read_dataset_version(dataset_dir)
+    receipts.write_receipt(r, digest, version, results, receipt_root, flow_run.id, flow_run.name)
     return results
+
+
+def stage_results(results: dict) -> dict:
+    """The trained (or reused) stages of align's results, in pipeline order, without evaluation, versions, ..."""
+    return {k: v for k, v in results.items() if k in STAGES or k == SFT_GENERATOR}
 
 
 def report_unchanged(recipe, results: dict) -> dict:
     """An unchanged re-run: the receipt's line and stage table, printed and as the `stage-metrics` artifact."""
     line = receipts.summary(recipe, results)
-    trained = {k: v for k, v in results.items() if k in STAGES or k == SFT_GENERATOR}
+    trained = stage_results(results)
     print(line)
     print(format_stage_metrics(stage_metrics_rows(trained)))
     publish_stage_metrics(trained, note=line)

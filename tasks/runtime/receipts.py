@@ -1,17 +1,19 @@
 """An unchanged re-run of `align` does nothing: the receipt of the last completed run on the same inputs.
 
     digest = inputs_digest(recipe, stages, runs_root, data_root)  # when the run starts: no torch, no MLflow
-    key = receipt_key(digest, dataset_version)                  # the version from the inputs' hashes
-    done = unchanged(recipe, key, runs_root)                    # the last completed run's results, or None
-    write_receipt(recipe, key, results, runs_root, ...)         # after a run that completed
+    done = unchanged(recipe, digest, runs_root, version_fn)     # the last completed run's results, or None
+    write_receipt(recipe, digest, version, results, runs_root, ...)  # after a run that completed
+
+``version_fn`` hashes the inputs (as ingest finds its version); it is called only when everything else matches,
+so a changed recipe or code costs no second pass over large input files.
 
 Every stage, the evaluation and the dataset are reused by their own content keys, but reaching those keys costs
 a Prefect task run per stage, the MLflow parent run, the registry (is it registered? is it champion?) and the
 promote subflow: seconds of a re-run that changes nothing. The receipt is the make-style short cut in front of
 them. Its key covers what the run's outcome depends on and that can be read without importing MLflow or torch:
 the resolved recipe, the stages asked for, the dataset version (from the inputs' hashes, as ingest finds it),
-every file and model the recipe names outside its sources (their bytes, CAI's prompt files included; a folder by
-its files' names, sizes and times; ``package:`` by the package's version; a hub id by its resolved commit), this
+every file and model the recipe names outside its sources (their bytes, CAI's prompt files included; a model folder
+or hub id by the identity the stages key it by, ``model_identity``; ``package:`` by the package's version), this
 project's code (flows/, tasks/, schemas/, data_contracts/), the training libraries' versions, and the tracking
 store's URI.
 
@@ -32,6 +34,7 @@ import datetime
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -89,15 +92,6 @@ def _package_version(module: str) -> str:
     return "not installed"
 
 
-def _folder_identity(path: Path) -> str:
-    """A folder by its files' names, sizes and modification times (make's rule: no weights read)."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        st = f.stat()
-        h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return content_hash(h)
-
-
 def value_identity(field: str, value: str) -> str | None:
     """What a recipe string names, as content: a file's sha256, a folder's identity, a package's version, a
     GGUF file's size and time, a hub model's commit; None for a plain setting."""
@@ -112,13 +106,17 @@ def value_identity(field: str, value: str) -> str | None:
         path = path if path.is_absolute() else PROJECT_ROOT / path
         if path.is_file():
             return file_sha256(path)
-        if path.is_dir():
-            return _folder_identity(path)
+        if path.is_dir():  # a model folder: the identity the stages key it by
+            return _model_identity(str(path))
     if field in MODEL_FIELDS and "/" in value:  # org/name: a hub model (``promote.model: dpo`` is a stage name)
-        from tasks.training.models import model_identity  # no torch; a hub id: its commit from the local cache
-
-        return model_identity(value)
+        return _model_identity(value)  # its commit, from the local cache offline
     return None
+
+
+def _model_identity(ref: str) -> str:
+    from tasks.training.models import model_identity  # no torch
+
+    return model_identity(ref)
 
 
 def named_inputs(obj, field: str = "") -> dict[str, str]:
@@ -178,9 +176,10 @@ def _paths(encoded) -> list[Path]:
     return []
 
 
-def unchanged(recipe, key: str, output_root: Path) -> dict | None:
-    """The receipt of the last completed run of this recipe when its key is ``key`` and every folder and file it
-    returned is still there; its stage results marked reused. None otherwise (the ordinary path runs)."""
+def unchanged(recipe, digest: str, output_root: Path, dataset_version: Callable[[], str]) -> dict | None:
+    """The receipt of the last completed run of this recipe when its key is ``receipt_key(digest,
+    dataset_version())`` and every folder and file it returned is still there; its stage results marked reused.
+    None otherwise (the ordinary path runs). ``dataset_version`` is called only when the digest matches."""
     from tasks.runtime.dispatch import decode
 
     path = receipt_path(recipe, output_root)
@@ -188,7 +187,9 @@ def unchanged(recipe, key: str, output_root: Path) -> dict | None:
         receipt = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if receipt.get("key") != key or not all(p.exists() for p in _paths(receipt["results"])):
+    if receipt.get("digest") != digest or receipt.get("key") != receipt_key(digest, dataset_version()):
+        return None
+    if not all(p.exists() for p in _paths(receipt["results"])):
         return None
     results = decode(receipt["results"])
     for name, value in results.items():
@@ -198,14 +199,17 @@ def unchanged(recipe, key: str, output_root: Path) -> dict | None:
     return results
 
 
-def write_receipt(recipe, key: str, results: dict, output_root: Path, flow_run_id=None, flow_run_name=None) -> Path:
+def write_receipt(
+    recipe, digest: str, dataset_version: str, results: dict, output_root: Path, flow_run_id=None, flow_run_name=None
+) -> Path:
     """After a completed run: its results, keyed; written whole or not at all (a concurrent run writes the same)."""
     from tasks.runtime.dispatch import encode
 
     path = receipt_path(recipe, output_root)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {
-        "key": key,
+        "digest": digest,
+        "key": receipt_key(digest, dataset_version),
         "flow_run_id": str(flow_run_id) if flow_run_id else None,
         "flow_run_name": flow_run_name,
         "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
