@@ -129,3 +129,44 @@ def test_stall_seconds_not_a_positive_number_names_the_variable(monkeypatch):
     monkeypatch.setenv(STALL_SECONDS_ENV, "soon")
     with pytest.raises(ValueError, match=rf"{STALL_SECONDS_ENV}='soon': expected a number of seconds > 0"):
         parallel.stall_seconds()
+
+
+# Jobs for run_jobs below: each worker imports this module by name and calls one with its job and ``progress``.
+JOBS = "tests.test_ingest_reliability"  # (pytest imports it as a top-level module; a worker, from the checkout)
+
+
+def _job_answers(value, *, progress):
+    progress("answering")
+    return {"value": value, "pid": os.getpid()}
+
+
+def _job_rejects_input(*, progress):
+    from tasks.data.sources.readers import SourceError
+
+    raise SourceError("line 7: not JSON")
+
+
+def _job_has_a_bug(*, progress):
+    return {}["missing"]
+
+
+def test_run_jobs_results_in_job_order_and_workers_end_at_once():
+    results = parallel.run_jobs(f"{JOBS}:_job_answers", [(1,), (2,)], ["first", "second"])
+    assert [r["value"] for r in results] == [1, 2]
+    assert len({r["pid"] for r in results}) == 2 and os.getpid() not in {r["pid"] for r in results}
+    assert not any(_alive(r["pid"]) for r in results)  # every worker has ended and been reaped
+
+
+def test_run_jobs_input_error_is_one_line_naming_the_job():
+    with pytest.raises(parallel.SourceError) as caught:
+        parallel.run_jobs(f"{JOBS}:_job_rejects_input", [()], ["hh.jsonl bytes 0-9"])
+    assert str(caught.value) == "hh.jsonl bytes 0-9: line 7: not JSON"
+    assert not isinstance(caught.value, parallel.WorkerBug)
+
+
+def test_run_jobs_bug_keeps_the_workers_traceback():
+    with pytest.raises(parallel.WorkerBug) as caught:
+        parallel.run_jobs(f"{JOBS}:_job_has_a_bug", [()], ["part 1"])
+    message = str(caught.value)
+    assert message.startswith("part 1: worker pid ") and "KeyError: 'missing'" in message
+    assert "_job_has_a_bug" in message  # the traceback names the function that raised

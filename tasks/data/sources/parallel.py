@@ -193,6 +193,16 @@ def worker_main() -> None:
         # A SourceError is a fact about the input (one line); anything else is a bug: keep its traceback.
         details = "" if isinstance(e, SourceError) else traceback.format_exc()
         conn.send(("error", (f"{type(e).__name__}: {e}" if details else str(e), details)))
-        raise SystemExit(1) from None
+        _exit(conn, 1)
     conn.send(("done", result))
+    _exit(conn, 0)
+
+
+def _exit(conn: Connection, code: int) -> None:
+    """End the worker now, as ``multiprocessing`` ends its children: what the job wrote is closed and its result
+    sent, and the interpreter's teardown of pyarrow, numpy and pandas (~0.35 s, waited for by the parent
+    in ``_stop``) has nothing left to do."""
     conn.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
