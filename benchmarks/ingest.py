@@ -12,6 +12,8 @@ human turn: real shape, ~1.4 KB per multi-turn row), then times whole processes 
   Expectations contract with Data Docs, atomic Parquet write, manifest), no Prefect.
 - ours, command: `python -m flows.ingest --recipe ...` against a running local Prefect server (started here,
   in a temporary state folder), as a user runs it.
+With ``--repeats N`` the three paths run N times, interleaved (baseline, library, command, baseline, ...), so a
+machine that slows down for a while slows every path alike; the table shows each path's median and every round.
 Start-up is reported apart: imports (library) and the same command on one tiny source whose version exists
 (command: imports, the flow run on the server, hashing a 16 KB file). Wall time includes interpreter start;
 peak RSS is each process's own (os.wait4; worker processes report their own, not summed).
@@ -110,8 +112,10 @@ def run_imports(rows: Path, out: Path) -> None:
 
 
 # ---- harness ----
-def timed(args: list[str], command: list[str] | None = None, env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB) of one process: this file with ``args``, or ``command``."""
+def timed(args: list[str], command: list[str] | None = None, env: dict | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS MB, CPU seconds) of one process: this file with ``args``, or ``command``. CPU is
+    user + system of the process and every worker it waited for (wait4's usage includes them); RSS is the
+    process's own."""
     start = time.perf_counter()
     env = {**(env or os.environ), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
     proc = subprocess.Popen(command or [sys.executable, __file__, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
@@ -119,10 +123,10 @@ def timed(args: list[str], command: list[str] | None = None, env: dict | None = 
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{command or args} failed (exit {os.waitstatus_to_exitcode(status)})")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
-def ingest_command(rows: Path, out: Path, env: dict) -> tuple[float, float]:
+def ingest_command(rows: Path, out: Path, env: dict) -> tuple[float, float, float]:
     import yaml
 
     recipe = out / "bench.yaml"
@@ -146,9 +150,23 @@ def local_server(state: Path):
     return svc, {**svc.env(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+PATHS = (
+    "baseline: datasets.map TRL example, split",
+    "ours: library (build_dataset)",
+    "ours: python -m flows.ingest (server)",
+)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="160000,1600000", help="comma-separated row counts")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of the three paths, interleaved; medians shown")
     ap.add_argument("--run", choices=["baseline", "ours", "imports"])
     ap.add_argument("--input")
     ap.add_argument("--out")
@@ -156,6 +174,8 @@ def main() -> None:
     if a.run:
         {"baseline": run_baseline, "ours": run_ours, "imports": run_imports}[a.run](Path(a.input), Path(a.out))
         return
+    if a.repeats < 1:
+        raise SystemExit("--repeats: expected a whole number >= 1")
     tiny = ROOT / "examples" / "data" / "hh-rlhf.jsonl"
     table = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("ALIGN_BENCH_TMP")) as tmp:
@@ -170,33 +190,38 @@ def main() -> None:
                 rows = tmp / f"hh{n}.jsonl"
                 tile_rows(REAL_ROWS, n, rows)
                 mb = rows.stat().st_size / 1e6
-                base = timed(["--run", "baseline", "--input", str(rows), "--out", str(tmp / f"baseline{n}")])
-                lib = timed(["--run", "ours", "--input", str(rows), "--out", str(tmp / f"lib{n}")])
-                cmd = ingest_command(rows, tmp / f"cmd{n}", env)
-                table.append((n, mb, base, lib, cmd))
+                rounds: list[list[tuple[float, float, float]]] = [[], [], []]
+                for _ in range(a.repeats):
+                    for folder in (f"baseline{n}", f"lib{n}", f"cmd{n}"):
+                        shutil.rmtree(tmp / folder, ignore_errors=True)
+                    rounds[0].append(
+                        timed(["--run", "baseline", "--input", str(rows), "--out", str(tmp / f"baseline{n}")])
+                    )
+                    rounds[1].append(timed(["--run", "ours", "--input", str(rows), "--out", str(tmp / f"lib{n}")]))
+                    rounds[2].append(ingest_command(rows, tmp / f"cmd{n}", env))
+                table.append((n, mb, rounds))
                 for folder in (f"baseline{n}", f"lib{n}", f"cmd{n}"):
                     shutil.rmtree(tmp / folder, ignore_errors=True)
                 rows.unlink()
         finally:
             svc.stop("prefect-server")
-    print(f"\ningest benchmark: hh-rlhf rows of real shape, {os.cpu_count()} cores")
+    print(f"\ningest benchmark: hh-rlhf rows of real shape, {os.cpu_count()} cores, {a.repeats} round(s) interleaved")
     print(
         f"start-up: library imports {startup_lib[0]:.2f} s; command (imports + flow run on the server) "
         f"{startup_cmd[0]:.2f} s"
     )
     print(
-        f"{'rows':>10} {'MB':>7}  {'path':<40}{'wall s':>8}{'rows/s':>10}{'MB/s':>8}{'peak RSS MB':>13}"
-        f"{'vs baseline':>13}"
+        f"{'rows':>10} {'MB':>7}  {'path':<40}{'wall s':>8}{'rows/s':>10}{'MB/s':>8}{'CPU s':>7}{'peak RSS MB':>13}"
+        f"{'vs baseline':>13}  rounds (wall s)"
     )
-    for n, mb, base, lib, cmd in table:
-        for name, (wall, rss) in (
-            ("baseline: datasets.map TRL example, split", base),
-            ("ours: library (build_dataset)", lib),
-            ("ours: python -m flows.ingest (server)", cmd),
-        ):
+    for n, mb, rounds in table:
+        base = median([r[0] for r in rounds[0]])
+        for name, runs in zip(PATHS, rounds):
+            wall, cpu, rss = (median([r[k] for r in runs]) for k in (0, 2, 1))
+            each = " / ".join(f"{r[0]:.2f}" for r in runs)
             print(
-                f"{n:>10,} {mb:>7,.0f}  {name:<40}{wall:>8.2f}{n / wall:>10,.0f}{mb / wall:>8.1f}{rss:>13,.0f}"
-                f"{base[0] / wall:>12.2f}x"
+                f"{n:>10,} {mb:>7,.0f}  {name:<40}{wall:>8.2f}{n / wall:>10,.0f}{mb / wall:>8.1f}{cpu:>7.1f}"
+                f"{rss:>13,.0f}{base / wall:>12.2f}x  {each}"
             )
 
 
