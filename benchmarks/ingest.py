@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -150,12 +151,6 @@ def local_server(state: Path):
     return svc, {**svc.env(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 PATHS = (
     "baseline: datasets.map TRL example, split",
     "ours: library (build_dataset)",
@@ -215,9 +210,9 @@ def main() -> None:
         f"{'vs baseline':>13}  rounds (wall s)"
     )
     for n, mb, rounds in table:
-        base = median([r[0] for r in rounds[0]])
+        base = statistics.median(r[0] for r in rounds[0])
         for name, runs in zip(PATHS, rounds):
-            wall, cpu, rss = (median([r[k] for r in runs]) for k in (0, 2, 1))
+            wall, rss, cpu = (statistics.median(r[k] for r in runs) for k in range(3))  # as timed() returns them
             each = " / ".join(f"{r[0]:.2f}" for r in runs)
             print(
                 f"{n:>10,} {mb:>7,.0f}  {name:<40}{wall:>8.2f}{n / wall:>10,.0f}{mb / wall:>8.1f}{cpu:>7.1f}"
